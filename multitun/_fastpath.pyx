@@ -1,0 +1,664 @@
+# cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True
+"""The multitun data plane.
+
+One ``Engine`` moves packets between a TUN fd and the path sockets:
+
+    TUN --read()--> header --sendmmsg()--> every path that has an endpoint
+    path socket --recvmmsg()--> check header, source, session --> window --> write() TUN
+
+``Engine.run()`` loops under ``nogil`` until its timeout, a wake-up fd turns
+readable (Python's signal.set_wakeup_fd), or control packets are waiting for
+Python. Nothing in the loop creates a Python object; buffers are allocated once.
+Syscall errors become OSError only after the GIL is back. A send error on one
+path is counted against that path and never ends the loop.
+
+The wire format is in multitun/wire.py and docs/PROTOCOL.md.
+"""
+
+from libc.errno cimport (
+    errno, EAGAIN, EINTR, EBADF, EFAULT, EINVAL, EMSGSIZE, ENOTSOCK,
+)
+from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t
+from libc.stdlib cimport malloc, free
+from libc.string cimport memcpy, memset, memcmp
+from posix.unistd cimport read, write, close
+
+
+from .includes.linux cimport *
+
+import ipaddress
+import os
+
+# Verdicts of the de-duplication window (multitun/_reference.py has the same).
+cdef enum:
+    W_NEW = 0
+    W_DUPLICATE = 1
+    W_TOO_OLD = 2
+
+cdef struct Header:
+    uint8_t ptype
+    uint8_t path
+    uint32_t session
+    uint64_t seq
+
+
+# ---------------------------------------------------------------- header codec
+
+cdef inline void put_header(uint8_t *p, uint8_t ptype, uint8_t path,
+                            uint32_t session, uint64_t seq) noexcept nogil:
+    cdef uint32_t s = htobe32(session)
+    cdef uint64_t q = htobe64(seq)
+    p[0] = VERSION
+    p[1] = ptype
+    p[2] = path
+    p[3] = 0
+    memcpy(p + 4, &s, 4)
+    memcpy(p + 8, &q, 8)
+
+
+cdef inline bint parse_header(const uint8_t *p, size_t n, Header *h) noexcept nogil:
+    """Validate a datagram the way wire.unpack_header does; False if malformed."""
+    cdef uint32_t s
+    cdef uint64_t q
+    cdef size_t payload
+    cdef uint8_t ipver
+    if n < HEADER_LEN or p[0] != VERSION or p[3] != 0 or p[2] >= MAX_PATHS:
+        return False
+    memcpy(&s, p + 4, 4)
+    memcpy(&q, p + 8, 8)
+    h.ptype = p[1]
+    h.path = p[2]
+    h.session = be32toh(s)
+    h.seq = be64toh(q)
+    if h.session == 0:
+        return False
+    payload = n - HEADER_LEN
+    if h.ptype == T_DATA:
+        # With IFF_NO_PI the TUN takes the protocol from the first nibble.
+        if payload < 1:
+            return False
+        ipver = p[HEADER_LEN] >> 4
+        return (ipver == 4 and payload >= 20) or (ipver == 6 and payload >= 40)
+    if h.ptype == T_PROBE or h.ptype == T_PROBE_REPLY:
+        return PROBE_MIN_PAYLOAD <= payload <= PROBE_MAX_PAYLOAD
+    return False
+
+
+def pack_header(int ptype, int path, uint32_t session, uint64_t seq):
+    """Compiled twin of wire.pack_header (for tests and benchmarks)."""
+    cdef uint8_t buf[HEADER_LEN]
+    put_header(buf, <uint8_t>ptype, <uint8_t>path, session, seq)
+    return bytes(buf[:HEADER_LEN])
+
+
+def unpack_header(const uint8_t[:] datagram):
+    """Compiled twin of wire.unpack_header: (type, path, session, seq), or
+    ValueError when the datagram is malformed."""
+    cdef Header h
+    if not parse_header(&datagram[0] if datagram.shape[0] else NULL,
+                        datagram.shape[0], &h):
+        raise ValueError("malformed datagram")
+    return (h.ptype, h.path, h.session, h.seq)
+
+
+# ------------------------------------------------------- de-duplication window
+# RFC 6479: a ring of 64-bit words; moving forward clears only the words that
+# slide out, so a test-and-set is O(1) whatever the jump. One word is slack.
+
+cdef inline int window_check(Window *w, uint64_t seq) noexcept nogil:
+    cdef uint64_t cur, diff, i, bit
+    cdef size_t index
+    if seq > w.top:
+        cur = w.top >> 6
+        diff = (seq >> 6) - cur
+        if diff > WINDOW_WORDS:
+            diff = WINDOW_WORDS
+        i = 1
+        while i <= diff:
+            w.words[(cur + i) & (WINDOW_WORDS - 1)] = 0
+            i += 1
+        w.top = seq
+    elif w.top - seq >= <uint64_t>(WINDOW_WORDS * 64 - 64):
+        return W_TOO_OLD
+    index = (seq >> 6) & (WINDOW_WORDS - 1)
+    bit = (<uint64_t>1) << (seq & 63)
+    if w.words[index] & bit:
+        return W_DUPLICATE
+    w.words[index] |= bit
+    return W_NEW
+
+
+cdef class ReplayWindow:
+    """The data plane's window, exposed for tests and benchmarks."""
+
+    bits = WINDOW_WORDS * 64
+
+    def __cinit__(self):
+        memset(&self.w, 0, sizeof(Window))
+
+    def reset(self):
+        memset(&self.w, 0, sizeof(Window))
+
+    def check(self, uint64_t seq):
+        return window_check(&self.w, seq)
+
+    def check_many(self, const uint64_t[:] seqs):
+        """Run a whole array through the window in C; returns how many were new."""
+        cdef Py_ssize_t i
+        cdef uint64_t fresh = 0
+        with nogil:
+            for i in range(seqs.shape[0]):
+                if window_check(&self.w, seqs[i]) == W_NEW:
+                    fresh += 1
+        return fresh
+
+
+# -------------------------------------------------------------------- helpers
+
+cdef inline uint64_t now_ns() noexcept nogil:
+    cdef timespec ts
+    clock_gettime(CLOCK_MONOTONIC, &ts)
+    return <uint64_t>ts.tv_sec * 1000000000ULL + <uint64_t>ts.tv_nsec
+
+
+cdef inline bint same_addr(const sockaddr_storage *a, const void *bp) noexcept nogil:
+    # Compare family, port and address only: the kernel may fill other fields
+    # (sin6_flowinfo, padding) differently from one datagram to the next.
+    cdef const sockaddr_in *a4
+    cdef const sockaddr_in *b4
+    cdef const sockaddr_in6 *a6
+    cdef const sockaddr_in6 *b6
+    cdef const sockaddr_storage *b = <const sockaddr_storage *>bp
+    if a.ss_family != b.ss_family:
+        return False
+    if a.ss_family == AF_INET:
+        a4 = <const sockaddr_in *>a
+        b4 = <const sockaddr_in *>b
+        return a4.sin_port == b4.sin_port and a4.sin_addr.s_addr == b4.sin_addr.s_addr
+    if a.ss_family == AF_INET6:
+        a6 = <const sockaddr_in6 *>a
+        b6 = <const sockaddr_in6 *>b
+        return (a6.sin6_port == b6.sin6_port
+                and memcmp(&a6.sin6_addr, &b6.sin6_addr, 16) == 0)
+    return False
+
+
+cdef size_t sticky_source(msghdr *rx, uint64_t *out) noexcept nogil:
+    """From a received IP_PKTINFO/IPV6_PKTINFO, build the control message that
+    sends from the address the datagram was addressed to (ip(7): on send,
+    ipi_spec_dst is the source; ipv6(7): ipi6_addr is). Returns its length."""
+    cdef cmsghdr *c = CMSG_FIRSTHDR(rx)
+    cdef cmsghdr *o = <cmsghdr *>out
+    cdef in_pktinfo *i4
+    cdef in6_pktinfo *i6
+    while c != NULL:
+        if c.cmsg_level == IPPROTO_IP and c.cmsg_type == IP_PKTINFO:
+            o.cmsg_level = IPPROTO_IP
+            o.cmsg_type = IP_PKTINFO
+            o.cmsg_len = CMSG_LEN(sizeof(in_pktinfo))
+            i4 = <in_pktinfo *>CMSG_DATA(o)
+            memset(i4, 0, sizeof(in_pktinfo))
+            i4.ipi_spec_dst = (<in_pktinfo *>CMSG_DATA(c)).ipi_addr
+            return CMSG_SPACE(sizeof(in_pktinfo))
+        if c.cmsg_level == IPPROTO_IPV6 and c.cmsg_type == IPV6_PKTINFO:
+            o.cmsg_level = IPPROTO_IPV6
+            o.cmsg_type = IPV6_PKTINFO
+            o.cmsg_len = CMSG_LEN(sizeof(in6_pktinfo))
+            i6 = <in6_pktinfo *>CMSG_DATA(o)
+            memset(i6, 0, sizeof(in6_pktinfo))
+            i6.ipi6_addr = (<in6_pktinfo *>CMSG_DATA(c)).ipi6_addr
+            return CMSG_SPACE(sizeof(in6_pktinfo))
+        c = CMSG_NXTHDR(rx, c)
+    return 0
+
+
+cdef object sockaddr_to_tuple(const sockaddr_storage *a):
+    cdef const sockaddr_in *a4
+    cdef const sockaddr_in6 *a6
+    if a.ss_family == AF_INET:
+        a4 = <const sockaddr_in *>a
+        host = ipaddress.IPv4Address((<const uint8_t *>&a4.sin_addr)[:4])
+        return (str(host), be16(a4.sin_port))
+    if a.ss_family == AF_INET6:
+        a6 = <const sockaddr_in6 *>a
+        host = ipaddress.IPv6Address(a6.sin6_addr.s6_addr[:16])
+        return (str(host.ipv4_mapped or host), be16(a6.sin6_port))
+    return None
+
+
+cdef inline uint16_t be16(uint16_t v) noexcept nogil:
+    return ((v & 0xff) << 8) | (v >> 8)
+
+
+cdef inline bint fatal(int e) noexcept nogil:
+    # Errors that mean our fd or buffer is wrong, not that a path is unwell.
+    return e == EBADF or e == EFAULT or e == EINVAL or e == ENOTSOCK
+
+
+# --------------------------------------------------------------------- engine
+
+cdef class Engine:
+    """The packet loop of one tunnel end.
+
+    ``socks`` are the path sockets' fds. A client passes one connect()ed socket
+    per path (path i is socket i). A server passes its one listening socket;
+    its endpoints are learned from probes, path by path.
+    """
+
+    def __cinit__(self, int tun_fd, socks, bint server, uint32_t session,
+                  int wake_fd=-1):
+        cdef int i
+        cdef epoll_event ev
+        if session == 0:
+            raise ValueError("session must be non-zero")
+        if not 0 < len(socks) <= MAX_PATHS or (server and len(socks) != 1):
+            raise ValueError("a client takes 1..16 path sockets, a server one")
+        self.epfd = -1
+        self.txbuf = <uint8_t *>malloc(BATCH * SLOT)
+        self.rxbuf = <uint8_t *>malloc(BATCH * SLOT)
+        if self.txbuf == NULL or self.rxbuf == NULL:
+            raise MemoryError()
+        self.tun_fd = tun_fd
+        self.wake_fd = wake_fd
+        self.server = server
+        self.session = session
+        self.nsocks = len(socks)
+        for i in range(MAX_PATHS):
+            memset(&self.eps[i], 0, sizeof(Endpoint))
+            self.eps[i].fd = -1
+        for i in range(self.nsocks):
+            self.socks[i] = socks[i]
+            if not server:
+                self.eps[i].fd = socks[i]
+                self.eps[i].connected = True  # until set_remote() says otherwise
+        for i in range(BATCH):
+            self.rxiov[i].iov_base = self.rxbuf + i * SLOT
+            self.rxiov[i].iov_len = SLOT
+            self.rxmsg[i].msg_hdr.msg_iov = &self.rxiov[i]
+            self.rxmsg[i].msg_hdr.msg_iovlen = 1
+            self.rxmsg[i].msg_hdr.msg_name = &self.rxaddr[i]
+            self.rxmsg[i].msg_hdr.msg_control = self.rxcmsg[i]
+        self.epfd = epoll_create1(EPOLL_CLOEXEC)
+        if self.epfd < 0:
+            raise OSError(errno, os.strerror(errno))
+        self._watch(tun_fd, TAG_TUN)
+        if wake_fd >= 0:
+            self._watch(wake_fd, TAG_WAKE)
+        for i in range(self.nsocks):
+            self._watch(self.socks[i], i)
+
+    def _watch(self, int fd, uint32_t tag):
+        cdef epoll_event ev
+        ev.events = EPOLLIN
+        ev.data.u64 = 0
+        ev.data.u32 = tag
+        if epoll_ctl(self.epfd, EPOLL_CTL_ADD, fd, &ev) < 0:
+            raise OSError(errno, os.strerror(errno))
+
+    def __dealloc__(self):
+        if self.epfd >= 0:
+            close(self.epfd)
+        free(self.txbuf)
+        free(self.rxbuf)
+
+    # ------------------------------------------------------------ Python API
+
+    @property
+    def session(self):
+        return self.session
+
+    @property
+    def peer_session(self):
+        return self.peer_session
+
+    def run(self, int timeout_ms):
+        """Move packets for up to ``timeout_ms``. Returns a mask of WAKE_* flags
+        saying why it stopped early (control packets queued, wake fd readable,
+        a signal) or WAKE_TIMEOUT."""
+        cdef int rc
+        with nogil:
+            rc = self._run(timeout_ms)
+        if rc < 0:
+            raise OSError(-rc, os.strerror(-rc))
+        return rc
+
+    def take_control(self):
+        """The queued control packets as [(path, rx_ns, datagram)], oldest first."""
+        cdef int i
+        out = [(self.ctrl[i].path, self.ctrl[i].rx_ns,
+                bytes(self.ctrl[i].data[:self.ctrl[i].length]))
+               for i in range(self.nctrl)]
+        self.nctrl = 0
+        return out
+
+    def send_control(self, int path, const uint8_t[:] datagram):
+        """Send one control datagram on a path; 0 or the errno it failed with."""
+        if not 0 <= path < MAX_PATHS or self.eps[path].fd < 0:
+            raise ValueError(f"no endpoint on path {path}")
+        return self._send_one(path, &datagram[0], datagram.shape[0])
+
+    def set_remote(self, int path, const uint8_t[:] address, int port, bint connected):
+        """Client: path ``path`` sends to ``address`` (4 or 16 packed bytes)
+        ``port``. When its socket is connect()ed the kernel fills in the
+        destination and filters the source; when not (no route yet at start),
+        the engine does both."""
+        cdef Endpoint *ep
+        cdef sockaddr_in *a4
+        cdef sockaddr_in6 *a6
+        if self.server or not 0 <= path < self.nsocks:
+            raise ValueError(f"no client path {path}")
+        ep = &self.eps[path]
+        memset(&ep.addr, 0, sizeof(sockaddr_storage))
+        if address.shape[0] == 4:
+            a4 = <sockaddr_in *>&ep.addr
+            a4.sin_family = AF_INET
+            a4.sin_port = be16(<uint16_t>port)
+            memcpy(&a4.sin_addr, &address[0], 4)
+            ep.addrlen = sizeof(sockaddr_in)
+        elif address.shape[0] == 16:
+            a6 = <sockaddr_in6 *>&ep.addr
+            a6.sin6_family = AF_INET6
+            a6.sin6_port = be16(<uint16_t>port)
+            memcpy(&a6.sin6_addr, &address[0], 16)
+            ep.addrlen = sizeof(sockaddr_in6)
+        else:
+            raise ValueError("address must be 4 or 16 bytes")
+        ep.connected = connected
+
+    def forget(self, int path):
+        """Stop sending to a server-side endpoint (it was silent too long)."""
+        if self.server and 0 <= path < MAX_PATHS:
+            self.eps[path].fd = -1
+            self.eps[path].addrlen = 0
+            self.eps[path].cmsglen = 0
+
+    def stats(self):
+        cdef dict d = self.ctr
+        return dict(d, session=self.session, peer_session=self.peer_session,
+                    tx_seq=self.tx_seq)
+
+    def paths(self):
+        """Per-path endpoint and counters, for every path ever used."""
+        cdef int i
+        cdef Endpoint *ep
+        cdef dict d
+        out = []
+        for i in range(MAX_PATHS):
+            ep = &self.eps[i]
+            if ep.fd < 0 and ep.learned == 0:
+                continue
+            d = ep.c
+            d["path"] = i
+            d["active"] = ep.fd >= 0
+            d["remote"] = sockaddr_to_tuple(&ep.addr) if ep.addrlen else None
+            out.append(d)
+        return out
+
+    # ------------------------------------------------------------- the loop
+
+    cdef int _run(self, int timeout_ms) noexcept nogil:
+        cdef epoll_event events[MAX_PATHS + 2]
+        cdef uint64_t deadline = now_ns() + <uint64_t>timeout_ms * 1000000ULL
+        cdef uint64_t t
+        cdef int n, i, rc, flags, wait_ms = timeout_ms
+        while True:
+            n = epoll_wait(self.epfd, events, MAX_PATHS + 2, wait_ms)
+            if n < 0:
+                # epoll_wait(2): EINTR when a signal handler interrupted the
+                # wait; Python must run its handler now.
+                return WAKE_SIGNAL if errno == EINTR else -errno
+            if n == 0:
+                return WAKE_TIMEOUT
+            flags = 0
+            for i in range(n):
+                if events[i].data.u32 == TAG_TUN:
+                    rc = self._tun_to_paths()
+                elif events[i].data.u32 == TAG_WAKE:
+                    flags |= WAKE_FD
+                    rc = 0
+                else:
+                    rc = self._paths_to_tun(events[i].data.u32)
+                if rc < 0:
+                    return rc
+            if self.nctrl:
+                flags |= WAKE_CONTROL
+            if flags:
+                return flags
+            t = now_ns()
+            if t >= deadline:
+                return WAKE_TIMEOUT
+            wait_ms = <int>((deadline - t + 999999) // 1000000)
+
+    cdef int _tun_to_paths(self) noexcept nogil:
+        cdef int n = 0, path, err = 0
+        cdef ssize_t r
+        cdef uint8_t *p
+        # Take only what is queued now (EAGAIN ends the batch): never wait.
+        while n < BATCH:
+            p = self.txbuf + n * SLOT
+            r = read(self.tun_fd, p + HEADER_LEN, SLOT - HEADER_LEN)
+            if r < 0:
+                if errno == EINTR:
+                    continue
+                if errno != EAGAIN:
+                    err = -errno
+                break
+            if r == 0:
+                break
+            self.tx_seq += 1
+            put_header(p, T_DATA, 0, self.session, self.tx_seq)
+            self.txlen[n] = <size_t>r + HEADER_LEN
+            self.ctr.tun_rx_packets += 1
+            self.ctr.tun_rx_bytes += <uint64_t>r
+            n += 1
+        if n:
+            for path in range(MAX_PATHS):
+                if self.eps[path].fd >= 0:
+                    self._send_batch(path, n)
+        return err
+
+    cdef void _send_batch(self, int path, int n) noexcept nogil:
+        cdef Endpoint *ep = &self.eps[path]
+        cdef msghdr *m
+        cdef uint8_t *p
+        cdef int i, r, e, sent = 0
+        for i in range(n):
+            p = self.txbuf + i * SLOT
+            p[2] = <uint8_t>path  # sendmmsg copies before returning: patch in place
+            self.txiov[i].iov_base = p
+            self.txiov[i].iov_len = self.txlen[i]
+            m = &self.txmsg[i].msg_hdr
+            m.msg_iov = &self.txiov[i]
+            m.msg_iovlen = 1
+            m.msg_name = NULL if ep.connected else <void *>&ep.addr
+            m.msg_namelen = 0 if ep.connected else ep.addrlen
+            m.msg_control = <void *>ep.cmsg if ep.cmsglen else NULL
+            m.msg_controllen = ep.cmsglen
+            m.msg_flags = 0
+        while sent < n:
+            r = sendmmsg(ep.fd, &self.txmsg[sent], n - sent, MSG_DONTWAIT)
+            if r < 0:
+                e = errno
+                if e == EINTR:
+                    continue
+                if e == EAGAIN:
+                    # Socket buffer full: drop rather than stall every path.
+                    self.ctr.send_dropped += <uint64_t>(n - sent)
+                    return
+                ep.c.last_errno = e
+                if e == EMSGSIZE:
+                    # This one datagram is too big; the rest may go.
+                    ep.c.send_errors += 1
+                    sent += 1
+                    continue
+                # ENETUNREACH, EPERM, EHOSTUNREACH, ENOBUFS, ECONNREFUSED...:
+                # the path is unwell now. Count the rest; try again next batch.
+                ep.c.send_errors += <uint64_t>(n - sent)
+                return
+            for i in range(sent, sent + r):
+                ep.c.tx_packets += 1
+                ep.c.tx_bytes += self.txlen[i]
+            sent += r
+
+    cdef int _send_one(self, int path, const uint8_t *data, size_t n) noexcept nogil:
+        cdef Endpoint *ep = &self.eps[path]
+        cdef msghdr m
+        cdef iovec v
+        v.iov_base = <void *>data
+        v.iov_len = n
+        memset(&m, 0, sizeof(msghdr))
+        m.msg_iov = &v
+        m.msg_iovlen = 1
+        if not ep.connected:
+            m.msg_name = <void *>&ep.addr
+            m.msg_namelen = ep.addrlen
+        if ep.cmsglen:
+            m.msg_control = <void *>ep.cmsg
+            m.msg_controllen = ep.cmsglen
+        if sendmsg(ep.fd, &m, MSG_DONTWAIT) < 0:
+            ep.c.send_errors += 1
+            ep.c.last_errno = errno
+            return errno
+        ep.c.tx_packets += 1
+        ep.c.tx_bytes += n
+        return 0
+
+    cdef int _paths_to_tun(self, int sock) noexcept nogil:
+        cdef int r, i, e, path, verdict
+        cdef ssize_t w
+        cdef size_t n
+        cdef uint8_t *p
+        cdef Header h
+        cdef Endpoint *ep
+        cdef uint64_t now
+        for i in range(BATCH):
+            self.rxmsg[i].msg_hdr.msg_namelen = sizeof(sockaddr_storage)
+            self.rxmsg[i].msg_hdr.msg_controllen = CMSG_ROOM
+            self.rxmsg[i].msg_hdr.msg_flags = 0
+        while True:
+            r = recvmmsg(self.socks[sock], self.rxmsg, BATCH, MSG_DONTWAIT, NULL)
+            if r >= 0:
+                break
+            e = errno
+            if e == EINTR:
+                continue
+            if e == EAGAIN:
+                return 0
+            if fatal(e):
+                return -e
+            # udp(7): an ICMP error queued on a connected socket is reported
+            # once, by the next call (ECONNREFUSED...). The path stays.
+            if not self.server:
+                self.eps[sock].c.recv_errors += 1
+                self.eps[sock].c.last_errno = e
+            return 0
+        now = now_ns()
+        for i in range(r):
+            p = self.rxbuf + i * SLOT
+            n = self.rxmsg[i].msg_len
+            if (self.rxmsg[i].msg_hdr.msg_flags & MSG_TRUNC
+                    or not parse_header(p, n, &h)):
+                self.ctr.malformed += 1
+                continue
+            if h.ptype != T_DATA and self.server:
+                self._learn(sock, h.path, &self.rxmsg[i])
+            path = self._endpoint_for(sock, h.path, &self.rxmsg[i])
+            if path < 0:
+                self.ctr.unknown_source += 1
+                continue
+            ep = &self.eps[path]
+            ep.c.rx_packets += 1
+            ep.c.rx_bytes += n
+            ep.c.last_rx_ns = now
+            if h.ptype != T_DATA:
+                self._adopt_session(h.session)
+                if h.ptype == T_PROBE:
+                    self._reply_probe(path, p, n)
+                else:
+                    self._queue_control(path, p, n, now)
+                continue
+            if h.session != self.peer_session:
+                self.ctr.wrong_session += 1
+                continue
+            verdict = window_check(&self.win, h.seq)
+            if verdict == W_NEW:
+                while True:
+                    w = write(self.tun_fd, p + HEADER_LEN, n - HEADER_LEN)
+                    if w >= 0 or errno != EINTR:
+                        break
+                if w < 0:
+                    self.ctr.tun_write_errors += 1
+                else:
+                    self.ctr.delivered += 1
+                    self.ctr.delivered_bytes += n - HEADER_LEN
+                    ep.c.first_arrivals += 1
+            elif verdict == W_DUPLICATE:
+                self.ctr.duplicates += 1
+                ep.c.duplicates += 1
+            else:
+                self.ctr.too_old += 1
+        return 0
+
+    cdef int _endpoint_for(self, int sock, int path, mmsghdr *m) noexcept nogil:
+        """The path a datagram belongs to, or -1 if its source is not that
+        path's endpoint."""
+        if not self.server:
+            # The socket is the path. A connected socket's source was filtered
+            # by the kernel; an unconnected one's is checked here.
+            if path != sock or not (self.eps[sock].connected or
+                                    same_addr(&self.eps[sock].addr, m.msg_hdr.msg_name)):
+                return -1
+            return sock
+        if self.eps[path].fd < 0 or not same_addr(&self.eps[path].addr, m.msg_hdr.msg_name):
+            return -1
+        return path
+
+    cdef void _learn(self, int sock, int path, mmsghdr *m) noexcept nogil:
+        """Server: a well-formed probe names (or moves) the endpoint of its path."""
+        cdef Endpoint *ep = &self.eps[path]
+        ep.cmsglen = sticky_source(&m.msg_hdr, ep.cmsg)
+        if ep.fd >= 0 and same_addr(&ep.addr, m.msg_hdr.msg_name):
+            return
+        memcpy(&ep.addr, m.msg_hdr.msg_name, m.msg_hdr.msg_namelen)
+        ep.addrlen = m.msg_hdr.msg_namelen
+        ep.fd = self.socks[sock]
+        ep.learned += 1
+        self.ctr.endpoint_changes += 1
+
+    cdef void _adopt_session(self, uint32_t session) noexcept nogil:
+        # A new session id in a probe means the peer restarted: its sequence
+        # numbers start again, so the window starts again. The previous id is
+        # remembered so that its packets still in flight cannot flip it back.
+        if session == self.peer_session or session == self.prev_session:
+            return
+        self.prev_session = self.peer_session
+        self.peer_session = session
+        memset(&self.win, 0, sizeof(Window))
+        self.ctr.session_changes += 1
+
+    cdef void _reply_probe(self, int path, uint8_t *pkt, size_t n) noexcept nogil:
+        # Echo the whole probe (same size: no amplification) with our session;
+        # answered here, not in Python, so the RTT has no interpreter in it.
+        cdef uint8_t reply[HEADER_LEN + PROBE_MAX_PAYLOAD]
+        cdef uint32_t s = htobe32(self.session)
+        memcpy(reply, pkt, n)
+        reply[1] = T_PROBE_REPLY
+        memcpy(reply + 4, &s, 4)
+        self._send_one(path, reply, n)
+
+    cdef void _queue_control(self, int path, uint8_t *pkt, size_t n,
+                             uint64_t now) noexcept nogil:
+        cdef ControlPacket *c
+        if self.nctrl == CTRL_SLOTS:
+            self.ctr.control_dropped += 1
+            return
+        c = &self.ctrl[self.nctrl]
+        c.path = path
+        c.rx_ns = now
+        c.length = n
+        memcpy(c.data, pkt, n)
+        self.nctrl += 1
+
+
+WAKE = {"timeout": WAKE_TIMEOUT, "fd": WAKE_FD, "control": WAKE_CONTROL,
+        "signal": WAKE_SIGNAL}

@@ -1,0 +1,148 @@
+"""Command line: the original tool's flags, verbatim, plus what users expect.
+
+    multitun -l 10.42.42.1 -s 0.0.0.0 -p 5678
+    multitun -l 10.42.42.2 -c 192.168.123.2:192.168.123.1,10.0.0.2:10.0.0.1 -p 5678
+
+Bad input gets one line on stderr and exit status 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Callable, Sequence
+
+from ._version import __version__
+from .config import (
+    DEFAULT_DEV, DEFAULT_PORT, DEFAULT_PROBE_INTERVAL, DEFAULT_TIMEOUT, MAX_MTU,
+    Config, ConfigError, parse_address, parse_paths, parse_port, parse_tun_address,
+)
+from .device import SetupError
+
+EXAMPLES = """\
+examples:
+  server, TUN 10.42.42.1/24, UDP port 5678 on every address:
+    multitun -l 10.42.42.1 -s 0.0.0.0 -p 5678
+  client with two paths (local address:server address):
+    multitun -l 10.42.42.2 -c 192.168.123.2:192.168.123.1,10.0.0.2:10.0.0.1 -p 5678
+  IPv6 inside the tunnel too, and an IPv6 path:
+    multitun -l 10.42.42.2 -l fd42::2/64 -c [2001:db8::2]:[2001:db8::1]
+"""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # type: ignore[override]
+        # One line, not argparse's usage block: a service log stays readable.
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _checked(parse: Callable[[str], object]) -> Callable[[str], object]:
+    def convert(text: str) -> object:
+        try:
+            return parse(text)
+        except ConfigError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+    convert.__name__ = parse.__name__.removeprefix("parse_")
+    return convert
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise ConfigError(f"{text!r} is not a number of seconds") from None
+    if not 0 < value < 1e6:
+        raise ConfigError(f"{text!r} must be more than 0 seconds")
+    return value
+
+
+def _mtu(text: str) -> int:
+    try:
+        value = int(text, 10)
+    except ValueError:
+        raise ConfigError(f"{text!r} is not a number") from None
+    if not 576 <= value <= MAX_MTU:
+        raise ConfigError(f"{value} is out of range 576-{MAX_MTU}")
+    return value
+
+
+def _listen_address(text: str) -> object:
+    return parse_address(text, "server listen address")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser; no side effects (the man page is generated from it)."""
+    p = _Parser(
+        prog="multitun",
+        description="Multi-path duplicating tunnel. Every IP packet entering the TUN "
+                    "device is sent over every path at once; the receiver delivers the "
+                    "first copy and drops the rest.",
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--version", action="version", version=f"multitun {__version__}")
+    p.add_argument("-l", "--tun_listen_addr", action="append", required=True,
+                   type=_checked(parse_tun_address), metavar="ADDR[/PREFIX]",
+                   help="address of the TUN device; /24 (IPv4) or /64 (IPv6) if no prefix "
+                        "is given; repeat for an IPv4 and an IPv6 address")
+    role = p.add_mutually_exclusive_group(required=True)
+    role.add_argument("-s", "--server_listen_addr", type=_checked(_listen_address),
+                      metavar="ADDR",
+                      help="be the server, listening on this address (0.0.0.0 or :: for all)")
+    role.add_argument("-c", "--client_endpoints", type=_checked(parse_paths),
+                      metavar="LOCAL:SERVER[,...]",
+                      help="be the client; one path per comma-separated pair of local "
+                           "address and server address (IPv6 in brackets: [2001:db8::2]:[2001:db8::1])")
+    p.add_argument("-p", "--server_port", type=_checked(parse_port), default=DEFAULT_PORT,
+                   metavar="PORT", help=f"server UDP port (default {DEFAULT_PORT})")
+    p.add_argument("-t", "--timeout", type=_checked(_seconds), default=DEFAULT_TIMEOUT,
+                   metavar="SECONDS",
+                   help="server: forget a client path silent this long "
+                        f"(default {DEFAULT_TIMEOUT:g})")
+    p.add_argument("-n", "--nonblocking", action="store_true",
+                   help="accepted for compatibility; multitun never blocks on a path")
+    p.add_argument("--dev", default=DEFAULT_DEV, metavar="NAME",
+                   help=f"TUN device name; %%d picks a free number (default {DEFAULT_DEV})")
+    p.add_argument("--mtu", type=_checked(_mtu), metavar="BYTES",
+                   help="TUN MTU (default: fits a 1500-byte path unfragmented: "
+                        "1456 over IPv4 paths, 1436 over IPv6)")
+    p.add_argument("--probe-interval", type=_checked(_seconds), default=DEFAULT_PROBE_INTERVAL,
+                   metavar="SECONDS",
+                   help=f"probe (keepalive) every path this often (default {DEFAULT_PROBE_INTERVAL:g})")
+    p.add_argument("-v", "--verbose", action="count", default=0,
+                   help="log more (debug: every probe)")
+    return p
+
+
+def config_from_args(args: argparse.Namespace) -> Config:
+    return Config(
+        tun_addresses=tuple(args.tun_listen_addr),
+        port=args.server_port,
+        server_listen=args.server_listen_addr,
+        paths=args.client_endpoints or (),
+        timeout=args.timeout,
+        probe_interval=args.probe_interval,
+        dev=args.dev,
+        mtu=args.mtu,
+    ).check()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        config = config_from_args(args)
+    except ConfigError as e:
+        parser.error(str(e))
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s multitun[%(process)d] %(levelname)s %(message)s",
+        stream=sys.stderr,
+    )
+    from .tunnel import Tunnel  # the compiled engine is only needed past this point
+    try:
+        return Tunnel(config).run()
+    except SetupError as e:
+        print(f"multitun: error: {e}", file=sys.stderr)
+        return 2

@@ -1,0 +1,158 @@
+"""What a tunnel end is asked to be, checked before anything is created.
+
+Parsing functions raise ConfigError with a message that names the bad value;
+the CLI turns it into one line on stderr and exit status 2.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass
+
+from . import wire
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+IPInterface = ipaddress.IPv4Interface | ipaddress.IPv6Interface
+
+DEFAULT_PORT = 5678
+DEFAULT_TIMEOUT = 20.0
+DEFAULT_PROBE_INTERVAL = 0.1
+DEFAULT_DEV = "multitun%d"
+# The path MTU multitun plans for when --mtu is not given: Ethernet's.
+PATH_MTU = 1500
+UDP_HEADER = 8
+IP_HEADER = {4: 20, 6: 40}
+MIN_MTU = {4: 576, 6: 1280}  # RFC 791 / RFC 8200 minimum link MTUs
+MAX_MTU = 65535 - IP_HEADER[4] - UDP_HEADER - wire.HEADER_LEN
+
+
+class ConfigError(ValueError):
+    """A bad setting; its message names what is wrong."""
+
+
+@dataclass(frozen=True)
+class PathSpec:
+    """One client path: a local address to send from and the server's address."""
+
+    local: IPAddress
+    remote: IPAddress
+
+    def __str__(self) -> str:
+        return f"{self.local} -> {self.remote}"
+
+
+@dataclass(frozen=True)
+class Config:
+    tun_addresses: tuple[IPInterface, ...]
+    port: int
+    server_listen: IPAddress | None = None
+    paths: tuple[PathSpec, ...] = ()
+    timeout: float = DEFAULT_TIMEOUT
+    probe_interval: float = DEFAULT_PROBE_INTERVAL
+    dev: str = DEFAULT_DEV
+    mtu: int | None = None
+
+    @property
+    def is_server(self) -> bool:
+        return self.server_listen is not None
+
+    @property
+    def outer_families(self) -> set[int]:
+        """IP versions the tunnel's own datagrams travel in."""
+        if self.server_listen is not None:
+            return {self.server_listen.version}
+        return {p.remote.version for p in self.paths}
+
+    @property
+    def effective_mtu(self) -> int:
+        """--mtu, or the largest TUN MTU whose datagrams fit a 1500-byte path
+        unfragmented: 1500 - IP header (20, or 40 if any path is IPv6) - UDP 8 -
+        multitun header 16 = 1456 (1436)."""
+        if self.mtu is not None:
+            return self.mtu
+        ip = max(IP_HEADER[v] for v in self.outer_families)
+        return PATH_MTU - ip - UDP_HEADER - wire.HEADER_LEN
+
+    def check(self) -> Config:
+        if (self.server_listen is None) == (not self.paths):
+            raise ConfigError("give either -s (server) or -c (client), not both")
+        if len(self.paths) > wire.MAX_PATHS:
+            raise ConfigError(f"at most {wire.MAX_PATHS} paths, got {len(self.paths)}")
+        if not self.tun_addresses:
+            raise ConfigError("-l/--tun_listen_addr is required")
+        if self.timeout <= 0:
+            raise ConfigError(f"timeout must be positive, got {self.timeout:g}")
+        if self.probe_interval <= 0:
+            raise ConfigError(f"probe interval must be positive, got {self.probe_interval:g}")
+        if self.probe_interval >= self.timeout:
+            raise ConfigError("probe interval must be shorter than the timeout")
+        mtu = self.effective_mtu
+        for addr in self.tun_addresses:
+            if mtu < MIN_MTU[addr.version]:
+                raise ConfigError(
+                    f"MTU {mtu} is below IPv{addr.version}'s minimum of "
+                    f"{MIN_MTU[addr.version]} (for {addr})")
+        return self
+
+
+def parse_address(text: str, what: str) -> IPAddress:
+    """An IPv4 or IPv6 address; IPv6 may be in brackets."""
+    bare = text[1:-1] if text.startswith("[") and text.endswith("]") else text
+    try:
+        return ipaddress.ip_address(bare)
+    except ValueError:
+        raise ConfigError(f"{what}: {text!r} is not an IP address") from None
+
+
+def parse_tun_address(text: str) -> IPInterface:
+    """``10.42.42.1`` (a /24, as the original), ``10.42.42.1/30`` or ``fd42::1/64``."""
+    addr, slash, prefix = text.partition("/")
+    ip = parse_address(addr, "tun address")
+    if not slash:
+        prefix = "24" if ip.version == 4 else "64"
+    try:
+        iface = ipaddress.ip_interface(f"{ip}/{prefix}")
+    except ValueError:
+        raise ConfigError(f"tun address: bad prefix length in {text!r}") from None
+    if iface.version == 4 and iface.network.prefixlen < 31 \
+            and iface.ip in (iface.network.network_address, iface.network.broadcast_address):
+        raise ConfigError(f"tun address: {text!r} is the network's own or broadcast address")
+    return iface
+
+
+def parse_port(text: str) -> int:
+    try:
+        port = int(text, 10)
+    except ValueError:
+        raise ConfigError(f"port: {text!r} is not a number") from None
+    if not 1 <= port <= 65535:
+        raise ConfigError(f"port: {port} is out of range 1-65535")
+    return port
+
+
+def parse_paths(text: str) -> tuple[PathSpec, ...]:
+    """``local:server,local:server`` with IPv6 addresses in brackets:
+    ``192.0.2.2:192.0.2.1,[2001:db8::2]:[2001:db8::1]``."""
+    paths = []
+    for item in text.split(","):
+        local, remote = _split_pair(item.strip())
+        spec = PathSpec(parse_address(local, f"path {item!r}"),
+                        parse_address(remote, f"path {item!r}"))
+        if spec.local.version != spec.remote.version:
+            raise ConfigError(f"path {item!r}: local and server address are not both IPv4 or IPv6")
+        if spec in paths:
+            raise ConfigError(f"path {item!r} is given twice")
+        paths.append(spec)
+    return tuple(paths)
+
+
+def _split_pair(item: str) -> tuple[str, str]:
+    if item.startswith("["):
+        end = item.find("]")
+        if end < 0 or item[end + 1:end + 2] != ":":
+            raise ConfigError(f"path {item!r}: expected [local]:[server]")
+        return item[:end + 1], item[end + 2:]
+    local, colon, remote = item.partition(":")
+    if not colon or not local or not remote:
+        raise ConfigError(f"path {item!r}: expected local:server (e.g. 192.0.2.2:192.0.2.1)")
+    return local, remote

@@ -1,0 +1,105 @@
+"""The UDP sockets that carry the tunnel, one per path.
+
+A client has one socket per path, bound to the path's local address, pinned to
+the interface that holds it and connect()ed to the server: the kernel then routes
+it out of that interface and drops datagrams from anyone but the server.
+A server has one socket on the listening address.
+"""
+
+from __future__ import annotations
+
+import errno
+import socket
+
+from pyroute2 import IPRoute
+
+from .config import IPAddress, PathSpec
+from .device import SetupError
+
+# <linux/in.h>; Python's socket module lacks it.
+IP_PKTINFO = 8
+# <asm-generic/socket.h>: like SO_RCVBUF/SO_SNDBUF but above net.core.*mem_max
+# (socket(7); needs CAP_NET_ADMIN, which a tunnel has).
+SO_SNDBUFFORCE = 32
+SO_RCVBUFFORCE = 33
+SOCKET_BUFFER = 4 << 20
+
+
+def _family(addr: IPAddress) -> int:
+    return socket.AF_INET6 if addr.version == 6 else socket.AF_INET
+
+
+def _size_buffers(sock: socket.socket) -> None:
+    # Large buffers absorb bursts (a batch of 64 full packets per path) without
+    # drops; the kernel doubles the value it is given (socket(7)).
+    for force, plain in ((SO_SNDBUFFORCE, socket.SO_SNDBUF), (SO_RCVBUFFORCE, socket.SO_RCVBUF)):
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, force, SOCKET_BUFFER)
+        except PermissionError:
+            sock.setsockopt(socket.SOL_SOCKET, plain, SOCKET_BUFFER)
+
+
+def _bind_error(e: OSError, addr: IPAddress, port: int) -> SetupError:
+    if e.errno == errno.EADDRINUSE:
+        return SetupError(f"UDP port {port} on {addr} is already in use")
+    if e.errno == errno.EADDRNOTAVAIL:
+        return SetupError(f"address {addr} is not on this host")
+    return SetupError(f"cannot bind to {addr} port {port}: {e.strerror}")
+
+
+def interface_of(addr: IPAddress) -> str | None:
+    """The name of the interface that holds ``addr``, if any does."""
+    with IPRoute() as ipr:
+        for msg in ipr.get_addr(family=_family(addr)):
+            if msg.get("IFA_ADDRESS") == str(addr) or msg.get("IFA_LOCAL") == str(addr):
+                links = ipr.get_links(msg["index"])
+                return links[0].get("IFLA_IFNAME") if links else None
+    return None
+
+
+def open_server_socket(listen: IPAddress, port: int) -> socket.socket:
+    sock = socket.socket(_family(listen), socket.SOCK_DGRAM | socket.SOCK_NONBLOCK)
+    try:
+        if listen.version == 6:
+            # '::' takes IPv4 clients too, as v4-mapped addresses.
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        if listen.is_unspecified:
+            # Learn which of our addresses each client wrote to, so that replies
+            # leave from that address (ip(7) IP_PKTINFO, ipv6(7) IPV6_RECVPKTINFO).
+            sock.setsockopt(socket.IPPROTO_IP, IP_PKTINFO, 1)
+            if listen.version == 6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_RECVPKTINFO, 1)
+        _size_buffers(sock)
+        sock.bind((str(listen), port))
+    except OSError as e:
+        sock.close()
+        raise _bind_error(e, listen, port) from None
+    return sock
+
+
+def open_client_socket(path: PathSpec) -> socket.socket:
+    """A socket bound to the path's local address and pinned to its interface;
+    the caller connects it (see connect_client_socket)."""
+    sock = socket.socket(_family(path.local), socket.SOCK_DGRAM | socket.SOCK_NONBLOCK)
+    try:
+        _size_buffers(sock)
+        sock.bind((str(path.local), 0))
+        device = interface_of(path.local)
+        if device:
+            # Leave by the interface that owns the address even when the main
+            # routing table prefers another one (socket(7) SO_BINDTODEVICE).
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, device.encode())
+    except OSError as e:
+        sock.close()
+        raise _bind_error(e, path.local, 0) from None
+    return sock
+
+
+def connect_client_socket(sock: socket.socket, path: PathSpec, port: int) -> OSError | None:
+    """connect() the path's socket to the server; the error if there is no
+    route now (the path is then used unconnected and connected later)."""
+    try:
+        sock.connect((str(path.remote), port))
+    except OSError as e:
+        return e
+    return None

@@ -1,0 +1,182 @@
+"""One tunnel end: sets up the device and sockets, runs the engine, keeps time.
+
+The compiled engine moves packets; this module does what happens a few times a
+second: probes on every path (they are the keepalives that let the server learn
+the client's paths before any data, and keep NAT mappings open), forgetting
+server-side endpoints silent for --timeout, reconnecting client paths that had
+no route at start, and logging what changed. Nothing here runs per packet.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import secrets
+import signal
+import socket
+import time
+
+from . import wire
+from ._fastpath import WAKE, Engine
+from .config import Config
+from .device import TunDevice
+from .paths import connect_client_socket, open_client_socket, open_server_socket
+
+log = logging.getLogger("multitun")
+
+HOUSEKEEPING_INTERVAL = 1.0
+# A path's send errors are summarised at most this often (never one line per packet).
+ERROR_SUMMARY_INTERVAL = 5.0
+
+
+def new_session() -> int:
+    """A random non-zero 32-bit session id: a restarted peer is a new session."""
+    return secrets.randbelow(0xFFFFFFFF) + 1
+
+
+class Tunnel:
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.stopping = False
+        self.probe_seq = 0
+        self._seen_remote: dict[int, tuple | None] = {}
+        self._seen_errors: dict[int, int] = {}
+        self._seen_sessions = 0
+        self._next_error_summary = 0.0
+
+    def stop(self, signum: int = 0, frame: object = None) -> None:
+        self.stopping = True
+
+    def run(self) -> int:
+        """Run until SIGINT/SIGTERM; 0 on a clean stop."""
+        cfg = self.config
+        with contextlib.ExitStack() as stack:
+            self._install_signals(stack)
+            device = TunDevice(cfg.dev)
+            stack.callback(device.close)
+            device.configure(cfg.tun_addresses, cfg.effective_mtu)
+            if cfg.is_server:
+                socks = [open_server_socket(cfg.server_listen, cfg.port)]
+            else:
+                socks = [open_client_socket(p) for p in cfg.paths]
+            for s in socks:
+                stack.callback(s.close)
+            engine = Engine(device.fd, [s.fileno() for s in socks], cfg.is_server,
+                            new_session(), self._wake_fd)
+            self.engine, self.socks = engine, socks
+            if not cfg.is_server:
+                for i, path in enumerate(cfg.paths):
+                    self._connect(i)
+            self._log_start(device.name)
+            self._loop()
+        log.info("stopped")
+        return 0
+
+    def _install_signals(self, stack: contextlib.ExitStack) -> None:
+        # The engine waits in epoll with the GIL released; set_wakeup_fd makes a
+        # signal readable on a pipe the engine watches, so it returns at once.
+        rfd, wfd = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        stack.callback(os.close, rfd)
+        stack.callback(os.close, wfd)
+        self._wake_fd = rfd
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            stack.callback(signal.signal, sig, signal.signal(sig, self.stop))
+        stack.callback(signal.set_wakeup_fd, signal.set_wakeup_fd(wfd, warn_on_full_buffer=False))
+
+    def _connect(self, i: int) -> bool:
+        path, port = self.config.paths[i], self.config.port
+        err = connect_client_socket(self.socks[i], path, port)
+        self.engine.set_remote(i, path.remote.packed, port, err is None)
+        if err is not None:
+            log.warning("path %d (%s): %s; sending unconnected, will retry", i, path, err.strerror)
+        return err is None
+
+    def _log_start(self, dev: str) -> None:
+        cfg = self.config
+        addrs = ", ".join(str(a) for a in cfg.tun_addresses)
+        log.info("multitun %s on %s (%s, mtu %d), session %08x",
+                 "server" if cfg.is_server else "client", dev, addrs,
+                 cfg.effective_mtu, self.engine.session)
+        if cfg.is_server:
+            log.info("listening on %s port %d", cfg.server_listen, cfg.port)
+        for i, path in enumerate(cfg.paths):
+            log.info("path %d: %s port %d", i, path, cfg.port)
+
+    def _loop(self) -> None:
+        engine, interval = self.engine, self.config.probe_interval
+        now = time.monotonic()
+        next_probe, next_housekeeping = now, now + HOUSEKEEPING_INTERVAL
+        while not self.stopping:
+            wait = max(0.0, min(next_probe, next_housekeeping) - time.monotonic())
+            flags = engine.run(int(wait * 1000) + 1)
+            if flags & WAKE["fd"]:
+                _drain(self._wake_fd)
+            for path, rx_ns, datagram in engine.take_control():
+                self._on_control(path, rx_ns, datagram)
+            now = time.monotonic()
+            if now >= next_probe:
+                self._probe()
+                next_probe = max(next_probe + interval, now)
+            if now >= next_housekeeping:
+                self._housekeeping(now)
+                next_housekeeping = now + HOUSEKEEPING_INTERVAL
+
+    def _probe(self) -> None:
+        engine = self.engine
+        self.probe_seq += 1
+        for p in engine.paths():
+            if p["active"]:
+                engine.send_control(p["path"], wire.probe(
+                    p["path"], engine.session, self.probe_seq, time.monotonic_ns()))
+
+    def _on_control(self, path: int, rx_ns: int, datagram: bytes) -> None:
+        header = wire.unpack_header(datagram)
+        if header.type == wire.PacketType.PROBE_REPLY:
+            rtt_us = (rx_ns - wire.probe_timestamp(datagram)) / 1000
+            log.debug("path %d: probe %d answered in %.0f us", path, header.seq, rtt_us)
+
+    def _housekeeping(self, now: float) -> None:
+        engine, cfg = self.engine, self.config
+        stats = engine.stats()
+        if stats["session_changes"] != self._seen_sessions:
+            log.info("peer %s session %08x",
+                     "started" if self._seen_sessions == 0 else "restarted: new",
+                     stats["peer_session"])
+            self._seen_sessions = stats["session_changes"]
+        now_ns = time.monotonic_ns()
+        summarise = now >= self._next_error_summary
+        for p in engine.paths():
+            i = p["path"]
+            if cfg.is_server and p["active"] and now_ns - p["last_rx_ns"] > cfg.timeout * 1e9:
+                engine.forget(i)
+                log.info("path %d: forgot %s:%d after %gs of silence", i, *p["remote"], cfg.timeout)
+                p["remote"] = None
+            if cfg.is_server and p["remote"] != self._seen_remote.get(i) and p["remote"]:
+                log.info("path %d: peer endpoint %s:%d", i, *p["remote"])
+            self._seen_remote[i] = p["remote"]
+            errors = p["send_errors"] - self._seen_errors.get(i, 0)
+            if summarise and errors:
+                log.warning("path %d: %d send errors in the last %gs (last: %s)", i, errors,
+                            ERROR_SUMMARY_INTERVAL, os.strerror(p["last_errno"]))
+                self._seen_errors[i] = p["send_errors"]
+        if summarise:
+            self._next_error_summary = now + ERROR_SUMMARY_INTERVAL
+        if not cfg.is_server:
+            for i, sock in enumerate(self.socks):
+                if not _is_connected(sock) and self._connect(i):
+                    log.info("path %d (%s): connected", i, cfg.paths[i])
+
+
+def _is_connected(sock: socket.socket) -> bool:
+    try:
+        sock.getpeername()
+    except OSError:
+        return False
+    return True
+
+
+def _drain(fd: int) -> None:
+    with contextlib.suppress(BlockingIOError):
+        while os.read(fd, 512):
+            pass
