@@ -32,6 +32,7 @@ cdef enum:
     WAKE_FD = 2
     WAKE_CONTROL = 4
     WAKE_SIGNAL = 8
+    WAKE_EVENT = 16
     # epoll tags for the fds that are not path sockets.
     TAG_TUN = 1000
     TAG_WAKE = 1001
@@ -109,6 +110,8 @@ cdef class Engine:
     cdef TunnelCounters ctr
     cdef ControlPacket ctrl[CTRL_SLOTS]
     cdef int nctrl
+    # An endpoint was learned or a peer session adopted since run() last returned.
+    cdef bint event
     # Buffers, allocated once.
     cdef uint8_t *txbuf
     cdef size_t txlen[BATCH]

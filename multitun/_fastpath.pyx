@@ -314,7 +314,7 @@ cdef class Engine:
     def run(self, int timeout_ms):
         """Move packets for up to ``timeout_ms``. Returns a mask of WAKE_* flags
         saying why it stopped early (control packets queued, wake fd readable,
-        a signal) or WAKE_TIMEOUT."""
+        a signal, an endpoint or peer session changed) or WAKE_TIMEOUT."""
         cdef int rc
         with nogil:
             rc = self._run(timeout_ms)
@@ -422,6 +422,9 @@ cdef class Engine:
                     return rc
             if self.nctrl:
                 flags |= WAKE_CONTROL
+            if self.event:
+                flags |= WAKE_EVENT
+                self.event = False
             if flags:
                 return flags
             t = now_ns()
@@ -624,6 +627,7 @@ cdef class Engine:
         ep.fd = self.socks[sock]
         ep.learned += 1
         self.ctr.endpoint_changes += 1
+        self.event = True
 
     cdef void _adopt_session(self, uint32_t session) noexcept nogil:
         # A new session id in a probe means the peer restarted: its sequence
@@ -635,6 +639,7 @@ cdef class Engine:
         self.peer_session = session
         memset(&self.win, 0, sizeof(Window))
         self.ctr.session_changes += 1
+        self.event = True
 
     cdef void _reply_probe(self, int path, uint8_t *pkt, size_t n) noexcept nogil:
         # Echo the whole probe (same size: no amplification) with our session;
@@ -660,5 +665,11 @@ cdef class Engine:
         self.nctrl += 1
 
 
+CONSTANTS = {
+    "VERSION": VERSION, "HEADER_LEN": HEADER_LEN, "MAX_PATHS": MAX_PATHS,
+    "T_DATA": T_DATA, "T_PROBE": T_PROBE, "T_PROBE_REPLY": T_PROBE_REPLY,
+    "PROBE_MIN_PAYLOAD": PROBE_MIN_PAYLOAD, "PROBE_MAX_PAYLOAD": PROBE_MAX_PAYLOAD,
+}
+
 WAKE = {"timeout": WAKE_TIMEOUT, "fd": WAKE_FD, "control": WAKE_CONTROL,
-        "signal": WAKE_SIGNAL}
+        "signal": WAKE_SIGNAL, "event": WAKE_EVENT}

@@ -10,12 +10,19 @@ inside the namespaces the bed makes:
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import os
+import select
+import signal
 import socket
+import struct
 import subprocess
 import sys
+import threading
+import time
 from dataclasses import dataclass
+from pathlib import Path
 
 from pyroute2 import IPRoute, netns
 
@@ -133,3 +140,218 @@ class Bed:
         if v6:
             return ",".join(f"[{p.client_ip6}]:[{p.server_ip6}]" for p in self.paths)
         return ",".join(f"{p.client_ip}:{p.server_ip}" for p in self.paths)
+
+
+# ---------------------------------------------------------------- the tunnel
+
+TUN_SERVER, TUN_CLIENT = "10.42.42.1", "10.42.42.2"
+TUN_SERVER6, TUN_CLIENT6 = "fd42::1", "fd42::2"
+
+
+class TunnelPair:
+    """A multitun server in ``bed.server`` and a client in ``bed.client``, with
+    their logs in ``logdir``. ``stop()`` (or leaving the ``with``) ends both."""
+
+    def __init__(self, bed: Bed, logdir: Path, port: int = 5678,
+                 server_extra: tuple[str, ...] = (), client_extra: tuple[str, ...] = ()) -> None:
+        self.bed, self.logdir, self.port = bed, Path(logdir), port
+        self.server_args = ["-l", TUN_SERVER, "-l", f"{TUN_SERVER6}/64", "-s", "0.0.0.0",
+                            "-p", str(port), *server_extra]
+        self.client_args = ["-l", TUN_CLIENT, "-l", f"{TUN_CLIENT6}/64",
+                            "-c", bed.client_endpoints(), "-p", str(port), *client_extra]
+        self.server: subprocess.Popen | None = None
+        self.client: subprocess.Popen | None = None
+        self._starts = itertools.count()
+
+    def __enter__(self) -> TunnelPair:
+        self.start_server()
+        self.start_client()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def _start(self, side: str) -> subprocess.Popen:
+        ns = self.bed.server if side == "server" else self.bed.client
+        args = self.server_args if side == "server" else self.client_args
+        log = open(self.logdir / f"{side}.{next(self._starts)}.log", "wb")
+        with log:
+            return self.bed.multitun(ns, args, stdout=log, stderr=subprocess.STDOUT)
+
+    def start_server(self) -> None:
+        self.server = self._start("server")
+
+    def start_client(self) -> None:
+        self.client = self._start("client")
+
+    def stop_server(self, sig: int = signal.SIGTERM) -> int:
+        return _end(self.server, sig)
+
+    def stop_client(self, sig: int = signal.SIGTERM) -> int:
+        return _end(self.client, sig)
+
+    def stop(self) -> None:
+        for proc in (self.client, self.server):
+            if proc is not None and proc.poll() is None:
+                _end(proc, signal.SIGTERM)
+
+    def logs(self, side: str) -> str:
+        return "".join(p.read_text() for p in sorted(self.logdir.glob(f"{side}.*.log")))
+
+    def wait_log(self, side: str, text: str, timeout: float = 5.0) -> str:
+        """Wait until ``text`` is in ``side``'s logs; the logs."""
+        deadline = time.monotonic() + timeout
+        while text not in (logs := self.logs(side)):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{text!r} not logged by the {side} within {timeout:g}s:\n{logs}")
+            time.sleep(0.05)
+        return logs
+
+    def wait_carrying(self, timeout: float = 10.0, v6: bool = False) -> float:
+        """Seconds until a datagram sent client -> server arrives through the tunnel."""
+        return wait_udp(self.bed, self.bed.client, self.bed.server,
+                        TUN_SERVER6 if v6 else TUN_SERVER, timeout)
+
+
+def _end(proc: subprocess.Popen | None, sig: int) -> int:
+    if proc is None:
+        raise RuntimeError("not started")
+    if proc.poll() is None:
+        proc.send_signal(sig)
+    try:
+        return proc.wait(10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        return proc.wait()
+
+
+# ------------------------------------------------------------ traffic tools
+
+def _family(addr: str) -> int:
+    return socket.AF_INET6 if ":" in addr else socket.AF_INET
+
+
+def wait_udp(bed: Bed, src_ns: str, dst_ns: str, dst: str, timeout: float = 10.0) -> float:
+    """Send a datagram every 20 ms until one arrives; the seconds that took."""
+    fam = _family(dst)
+    start = time.monotonic()
+    with bed.socket(dst_ns, fam) as rx, bed.socket(src_ns, fam) as tx:
+        while True:  # the address appears when the far end has configured its TUN
+            try:
+                rx.bind((dst, 0))
+                break
+            except OSError:
+                if time.monotonic() - start > timeout:
+                    raise
+                time.sleep(0.02)
+        port = rx.getsockname()[1]
+        while time.monotonic() - start < timeout:
+            try:
+                tx.sendto(b"ready?", (dst, port))
+            except OSError:
+                pass  # no route yet
+            if select.select([rx], [], [], 0.02)[0]:
+                rx.recv(64)
+                return time.monotonic() - start
+    raise TimeoutError(f"nothing reached {dst} within {timeout:g}s")
+
+
+def _checksum(data: bytes) -> int:
+    if len(data) % 2:
+        data += b"\0"
+    total = sum(struct.unpack(f"!{len(data) // 2}H", data))
+    total = (total >> 16) + (total & 0xFFFF)
+    total += total >> 16
+    return ~total & 0xFFFF
+
+
+def ping(bed: Bed, ns: str, dst: str, count: int = 10, interval: float = 0.01,
+         timeout: float = 1.0) -> list[float | None]:
+    """ICMP echo from namespace ``ns``: each round trip in seconds, None if lost."""
+    v6 = ":" in dst
+    proto = socket.IPPROTO_ICMPV6 if v6 else socket.IPPROTO_ICMP
+    request_type, reply_type = (128, 129) if v6 else (8, 0)
+    ident = os.getpid() & 0xFFFF
+    rtts: list[float | None] = []
+    with netns.create_socket(ns, _family(dst), socket.SOCK_RAW, proto) as s:
+        for seq in range(count):
+            body = struct.pack("!HH", ident, seq) + b"multitun-ping".ljust(48, b".")
+            packet = struct.pack("!BBH", request_type, 0, 0) + body
+            if not v6:  # the kernel fills ICMPv6 checksums itself (RFC 3542)
+                packet = struct.pack("!BBH", request_type, 0, _checksum(packet)) + body
+            start = time.perf_counter()
+            s.sendto(packet, (dst, 0))
+            rtts.append(None)
+            while (left := start + timeout - time.perf_counter()) > 0:
+                if not select.select([s], [], [], left)[0]:
+                    break
+                reply = s.recv(2048)
+                icmp = reply if v6 else reply[(reply[0] & 0x0F) * 4:]
+                if icmp[0] == reply_type and icmp[4:8] == body[:4]:
+                    rtts[-1] = time.perf_counter() - start
+                    break
+            time.sleep(interval)
+    return rtts
+
+
+@dataclass
+class Transfer:
+    sent: int
+    received: int
+    seconds: float
+    sent_sha256: str
+    received_sha256: str
+
+    @property
+    def gbit_per_s(self) -> float:
+        return self.received * 8 / self.seconds / 1e9
+
+
+def tcp_transfer(bed: Bed, src_ns: str, dst_ns: str, dst: str, data: bytes | None = None,
+                 seconds: float | None = None, chunk: int = 1 << 20) -> Transfer:
+    """Send ``data`` (checked by SHA-256 on both ends) or, for ``seconds``, a
+    repeated buffer (throughput only) over TCP from ``src_ns`` to ``dst``."""
+    fam = _family(dst)
+    listener = bed.socket(dst_ns, fam, socket.SOCK_STREAM)
+    listener.bind((dst, 0))
+    listener.listen(1)
+    port = listener.getsockname()[1]
+    got: dict = {}
+
+    def receive() -> None:
+        conn, _ = listener.accept()
+        digest = hashlib.sha256() if data is not None else None
+        buf = bytearray(chunk)
+        view = memoryview(buf)
+        n = 0
+        with conn:
+            while k := conn.recv_into(buf):
+                n += k
+                if digest:
+                    digest.update(view[:k])
+        got.update(n=n, end=time.perf_counter(), sha=digest.hexdigest() if digest else "")
+
+    thread = threading.Thread(target=receive, daemon=True)
+    thread.start()
+    sent_digest = hashlib.sha256()
+    with listener, bed.socket(src_ns, fam, socket.SOCK_STREAM) as tx:
+        tx.connect((dst, port))
+        start = time.perf_counter()
+        sent = 0
+        if data is not None:
+            view = memoryview(data)
+            for offset in range(0, len(data), chunk):
+                tx.sendall(view[offset:offset + chunk])
+            sent = len(data)
+            sent_digest.update(data)
+        else:
+            block = os.urandom(chunk)
+            while time.perf_counter() - start < seconds:
+                tx.sendall(block)
+                sent += len(block)
+        tx.shutdown(socket.SHUT_WR)
+        thread.join(60)
+    if thread.is_alive():
+        raise TimeoutError("receiver did not finish")
+    return Transfer(sent, got["n"], got["end"] - start,
+                    sent_digest.hexdigest() if data is not None else "", got["sha"])

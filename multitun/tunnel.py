@@ -66,7 +66,7 @@ class Tunnel:
                             new_session(), self._wake_fd)
             self.engine, self.socks = engine, socks
             if not cfg.is_server:
-                for i, path in enumerate(cfg.paths):
+                for i in range(len(cfg.paths)):
                     self._connect(i)
             self._log_start(device.name)
             self._loop()
@@ -84,11 +84,11 @@ class Tunnel:
             stack.callback(signal.signal, sig, signal.signal(sig, self.stop))
         stack.callback(signal.set_wakeup_fd, signal.set_wakeup_fd(wfd, warn_on_full_buffer=False))
 
-    def _connect(self, i: int) -> bool:
+    def _connect(self, i: int, retry: bool = False) -> bool:
         path, port = self.config.paths[i], self.config.port
         err = connect_client_socket(self.socks[i], path, port)
         self.engine.set_remote(i, path.remote.packed, port, err is None)
-        if err is not None:
+        if err is not None and not retry:
             log.warning("path %d (%s): %s; sending unconnected, will retry", i, path, err.strerror)
         return err is None
 
@@ -112,6 +112,8 @@ class Tunnel:
             flags = engine.run(int(wait * 1000) + 1)
             if flags & WAKE["fd"]:
                 _drain(self._wake_fd)
+            if flags & WAKE["event"]:
+                self._log_events()
             for path, rx_ns, datagram in engine.take_control():
                 self._on_control(path, rx_ns, datagram)
             now = time.monotonic()
@@ -136,14 +138,22 @@ class Tunnel:
             rtt_us = (rx_ns - wire.probe_timestamp(datagram)) / 1000
             log.debug("path %d: probe %d answered in %.0f us", path, header.seq, rtt_us)
 
-    def _housekeeping(self, now: float) -> None:
-        engine, cfg = self.engine, self.config
-        stats = engine.stats()
+    def _log_events(self) -> None:
+        """Say what changed: a peer (re)started, an endpoint learned or moved."""
+        stats = self.engine.stats()
         if stats["session_changes"] != self._seen_sessions:
             log.info("peer %s session %08x",
                      "started" if self._seen_sessions == 0 else "restarted: new",
                      stats["peer_session"])
             self._seen_sessions = stats["session_changes"]
+        for p in self.engine.paths():
+            i = p["path"]
+            if self.config.is_server and p["remote"] and p["remote"] != self._seen_remote.get(i):
+                log.info("path %d: peer endpoint %s:%d", i, *p["remote"])
+            self._seen_remote[i] = p["remote"]
+
+    def _housekeeping(self, now: float) -> None:
+        engine, cfg = self.engine, self.config
         now_ns = time.monotonic_ns()
         summarise = now >= self._next_error_summary
         for p in engine.paths():
@@ -151,10 +161,7 @@ class Tunnel:
             if cfg.is_server and p["active"] and now_ns - p["last_rx_ns"] > cfg.timeout * 1e9:
                 engine.forget(i)
                 log.info("path %d: forgot %s:%d after %gs of silence", i, *p["remote"], cfg.timeout)
-                p["remote"] = None
-            if cfg.is_server and p["remote"] != self._seen_remote.get(i) and p["remote"]:
-                log.info("path %d: peer endpoint %s:%d", i, *p["remote"])
-            self._seen_remote[i] = p["remote"]
+                self._seen_remote[i] = None
             errors = p["send_errors"] - self._seen_errors.get(i, 0)
             if summarise and errors:
                 log.warning("path %d: %d send errors in the last %gs (last: %s)", i, errors,
@@ -164,7 +171,7 @@ class Tunnel:
             self._next_error_summary = now + ERROR_SUMMARY_INTERVAL
         if not cfg.is_server:
             for i, sock in enumerate(self.socks):
-                if not _is_connected(sock) and self._connect(i):
+                if not _is_connected(sock) and self._connect(i, retry=True):
                     log.info("path %d (%s): connected", i, cfg.paths[i])
 
 

@@ -1,0 +1,247 @@
+"""A real tunnel: TUN devices in two network namespaces joined by two veth
+paths, multitun processes at both ends, real traffic through it."""
+
+import os
+import random
+import select
+import signal
+import socket
+import struct
+import subprocess
+import threading
+import time
+
+import pytest
+
+from multitun import wire
+from multitun.lab import TUN_CLIENT, TUN_SERVER, TUN_SERVER6, TunnelPair, ping, tcp_transfer
+
+from .conftest import requires_root
+
+pytestmark = [requires_root, pytest.mark.netns]
+
+
+def test_ping_both_families(tunnel):
+    bed = tunnel.bed
+    for dst in (TUN_SERVER, TUN_SERVER6):
+        rtts = ping(bed, bed.client, dst, count=20)
+        assert None not in rtts, f"lost echo replies from {dst}: {rtts}"
+
+
+@pytest.mark.parametrize("direction", ["client->server", "server->client"])
+def test_tcp_transfer_intact(tunnel, direction):
+    bed = tunnel.bed
+    data = os.urandom(24 << 20)
+    if direction == "client->server":
+        result = tcp_transfer(bed, bed.client, bed.server, TUN_SERVER, data=data)
+    else:
+        result = tcp_transfer(bed, bed.server, bed.client, TUN_CLIENT, data=data)
+    assert result.received == len(data)
+    assert result.received_sha256 == result.sent_sha256
+
+
+def test_identical_ipv6_datagrams_all_arrive(tunnel):
+    # The original compared packets byte for byte and delivered 1 of 100.
+    bed = tunnel.bed
+    tunnel.wait_carrying(v6=True)
+    with bed.socket(bed.server, socket.AF_INET6) as rx, \
+            bed.socket(bed.client, socket.AF_INET6) as tx:
+        rx.bind((TUN_SERVER6, 9000))
+        big_receive_buffer(rx)
+        payload = b"the same bytes every time".ljust(200, b"!")
+        for _ in range(200):
+            tx.sendto(payload, (TUN_SERVER6, 9000))
+            time.sleep(0.0005)
+        got = receive_all(rx, quiet=0.5)
+    assert got == [payload] * 200
+
+
+def big_receive_buffer(sock):
+    # So that the test's reader, not the tunnel, is never what drops (socket(7)).
+    sock.setsockopt(socket.SOL_SOCKET, 33, 8 << 20)  # SO_RCVBUFFORCE
+
+
+def receive_all(sock, quiet):
+    out = []
+    while select.select([sock], [], [], quiet)[0]:
+        out.append(sock.recv(65535))
+    return out
+
+
+class Stream:
+    """Numbered UDP datagrams at a fixed rate, client -> server, through the tunnel."""
+
+    def __init__(self, bed, rate, count):
+        self.bed, self.rate, self.count = bed, rate, count
+        self.received = []
+
+    def run(self):
+        with self.bed.socket(self.bed.server) as rx, self.bed.socket(self.bed.client) as tx:
+            rx.bind((TUN_SERVER, 9001))
+            big_receive_buffer(rx)
+            catcher = threading.Thread(target=lambda: self.received.extend(
+                struct.unpack("!I", d[:4])[0] for d in receive_all(rx, quiet=1.5)))
+            catcher.start()
+            start = time.monotonic()
+            for i in range(self.count):
+                delay = start + i / self.rate - time.monotonic()
+                if delay > 0:
+                    time.sleep(delay)
+                tx.sendto(struct.pack("!I", i).ljust(100, b"."), (TUN_SERVER, 9001))
+            catcher.join()
+
+
+def test_link_down_and_up_during_stream_loses_nothing(tunnel):
+    bed = tunnel.bed
+    stream = Stream(bed, rate=500, count=3000)  # 6 s
+    sender = threading.Thread(target=stream.run)
+    sender.start()
+    time.sleep(1.5)
+    bed.set_link(bed.client, "c0", up=False)  # sends on path 0 now fail: ENETUNREACH
+    time.sleep(2.0)
+    bed.set_link(bed.client, "c0", up=True)
+    time.sleep(1.0)
+    bed.set_link(bed.server, "s1", up=False)  # and now the other path, from the far end
+    time.sleep(1.0)
+    bed.set_link(bed.server, "s1", up=True)
+    sender.join()
+    assert sorted(stream.received) == list(range(3000)), \
+        f"lost {3000 - len(set(stream.received))}, duplicated {len(stream.received) - len(set(stream.received))}"
+    assert tunnel.client.poll() is None and tunnel.server.poll() is None
+    tunnel.wait_log("client", "send errors", timeout=6)
+
+
+def test_send_error_eperm_on_one_path(tunnel):
+    # A firewall that rejects output makes sendmmsg fail with EPERM.
+    bed = tunnel.bed
+    nft(bed.client, "add table inet mt",
+        "add chain inet mt output { type filter hook output priority 0; }",
+        "add rule inet mt output oifname c1 udp dport 5678 drop")
+    result = tcp_transfer(bed, bed.client, bed.server, TUN_SERVER, data=os.urandom(4 << 20))
+    assert result.received_sha256 == result.sent_sha256
+    tunnel.wait_log("client", "(last: Operation not permitted)", timeout=6)
+    assert tunnel.client.poll() is None
+
+
+def nft(ns, *commands):
+    for c in commands:
+        subprocess.run(["ip", "netns", "exec", ns, "nft", *c.split()], check=True)
+
+
+def test_ten_percent_loss_on_each_path_gives_about_one_percent(tunnel):
+    bed = tunnel.bed
+    # Random loss on input (an output drop would be a send error instead).
+    nft(bed.server, "add table inet mt",
+        "add chain inet mt input { type filter hook input priority 0; }",
+        "add rule inet mt input udp dport 5678 numgen random mod 100 < 10 drop")
+    stream = Stream(bed, rate=2500, count=10000)
+    stream.run()
+    loss = 1 - len(set(stream.received)) / stream.count
+    # Each path drops 10% independently: both lose a packet 1% of the time.
+    # Binomial(10000, 0.01) has sd 1%/10; 0.4%..1.8% is beyond 5 sd either way.
+    assert 0.004 < loss < 0.018, f"loss {loss:.2%}"
+    assert len(stream.received) == len(set(stream.received)), "duplicates delivered"
+
+
+def test_flood_of_hostile_datagrams_changes_nothing(tunnel):
+    bed = tunnel.bed
+    server_tun_before = bed.link_stats(bed.server, "multitun0")["rx_packets"]
+    rng = random.Random(1)
+    header = wire.pack_header(wire.PacketType.DATA, 0, 0x12345678, 1)
+    crafted = [b"", b"\x01", header, header + b"\x45" * 19,                # empty, short, no packet
+               bytes([2]) + header[1:] + bytes(20),                       # another version
+               bytes([0x45]) + bytes(40),                                 # raw IPv4 (the original)
+               wire.pack_header(9, 0, 1, 1) + bytes(8)]                   # unknown type
+    sent = 0
+    with bed.socket(bed.client) as attacker:
+        attacker.bind(("192.0.2.2", 0))  # same host as the client, another port
+        for i in range(20000):
+            if i % 10 < len(crafted):
+                datagram = crafted[i % 10]
+            else:
+                datagram = rng.randbytes(rng.randrange(0, 1500))
+            for dst in ("192.0.2.1", "198.51.100.1"):
+                try:
+                    attacker.sendto(datagram, (dst, 5678))
+                    sent += 1
+                except BlockingIOError:
+                    pass
+    time.sleep(0.5)
+    assert sent > 30000
+    assert bed.link_stats(bed.server, "multitun0")["rx_packets"] == server_tun_before
+    assert tunnel.server.poll() is None
+    # The server still knows the client, and only the client, as its peer.
+    log = tunnel.wait_log("server", "path 1: peer endpoint")
+    assert log.count("peer endpoint") == 2, log
+    result = tcp_transfer(bed, bed.client, bed.server, TUN_SERVER, data=os.urandom(1 << 20))
+    assert result.received_sha256 == result.sent_sha256
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["SIGTERM", "SIGKILL"])
+def test_each_peer_restarted_in_turn(tunnel, sig):
+    # Nothing is done to the other peer; the tunnel must carry again by itself.
+    assert tunnel.stop_client(sig) in (0, -signal.SIGKILL)
+    tunnel.start_client()
+    assert tunnel.wait_carrying(timeout=5) < 5
+    assert tunnel.stop_server(sig) in (0, -signal.SIGKILL)
+    tunnel.start_server()
+    assert tunnel.wait_carrying(timeout=5) < 5
+    tunnel.wait_log("server", "peer restarted")
+    tunnel.wait_log("client", "peer restarted")
+    data = os.urandom(2 << 20)
+    bed = tunnel.bed
+    result = tcp_transfer(bed, bed.server, bed.client, TUN_CLIENT, data=data)
+    assert result.received_sha256 == result.sent_sha256
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_clean_exit_removes_the_device(tunnel, sig):
+    bed = tunnel.bed
+    assert "multitun0" in links(bed.server)
+    assert tunnel.stop_server(sig) == 0
+    assert tunnel.stop_client(sig) == 0
+    assert "multitun0" not in links(bed.server)
+    assert "multitun0" not in links(bed.client)
+    assert "Traceback" not in tunnel.logs("server") + tunnel.logs("client")
+
+
+def links(ns):
+    return subprocess.run(["ip", "netns", "exec", ns, "ip", "-o", "link"],
+                          capture_output=True, text=True, check=True).stdout
+
+
+def test_path_down_at_start_joins_later(bed, tmp_path):
+    # The client starts while path 0 has no route at all: it must start, carry
+    # traffic over path 1, and take path 0 into use once it comes up.
+    bed.set_link(bed.client, "c0", up=False)
+    with TunnelPair(bed, tmp_path) as pair:
+        pair.wait_carrying()
+        bed.set_link(bed.client, "c1", up=False)
+        time.sleep(0.3)
+        assert ping(bed, bed.client, TUN_SERVER, count=3) == [None] * 3
+        bed.set_link(bed.client, "c0", up=True)
+        assert pair.wait_carrying(timeout=5) < 5
+        pair.wait_log("client", "path 0 (192.0.2.2 -> 192.0.2.1): connected")
+
+
+def test_server_on_a_wildcard_replies_from_the_address_written_to(bed, tmp_path):
+    # Path 1 is addressed to a second address on the server's path-0 link; the
+    # server's route back prefers the first address. Without IP_PKTINFO the
+    # replies would come from 192.0.2.1 and the client's connected socket on
+    # path 1 would drop them.
+    from pyroute2 import IPRoute
+    with IPRoute(netns=bed.server) as ipr:
+        ipr.addr("add", index=ipr.link_lookup(ifname="s0")[0], address="192.0.2.9", prefixlen=24)
+    with IPRoute(netns=bed.client) as ipr:
+        ipr.addr("add", index=ipr.link_lookup(ifname="c0")[0], address="192.0.2.3", prefixlen=24)
+    pair = TunnelPair(bed, tmp_path)
+    pair.client_args[pair.client_args.index("-c") + 1] = "192.0.2.2:192.0.2.1,192.0.2.3:192.0.2.9"
+    with pair:
+        pair.wait_carrying()
+        pair.stop_client()
+        pair.client_args[pair.client_args.index("-c") + 1] = "192.0.2.3:192.0.2.9"
+        pair.start_client()  # only the second address now: replies must come from it
+        assert pair.wait_carrying(timeout=5) < 5
+        data = os.urandom(1 << 20)
+        result = tcp_transfer(bed, bed.server, bed.client, TUN_CLIENT, data=data)
+        assert result.received_sha256 == result.sent_sha256
