@@ -51,6 +51,7 @@ class Config:
     probe_interval: float = DEFAULT_PROBE_INTERVAL
     dev: str = DEFAULT_DEV
     mtu: int | None = None
+    low_latency: bool = False
 
     @property
     def is_server(self) -> bool:

@@ -268,30 +268,50 @@ def _checksum(data: bytes) -> int:
 def ping(bed: Bed, ns: str, dst: str, count: int = 10, interval: float = 0.01,
          timeout: float = 1.0) -> list[float | None]:
     """ICMP echo from namespace ``ns``: each round trip in seconds, None if lost."""
-    v6 = ":" in dst
-    proto = socket.IPPROTO_ICMPV6 if v6 else socket.IPPROTO_ICMP
-    request_type, reply_type = (128, 129) if v6 else (8, 0)
+    return ping_interleaved(bed, ns, [dst], count, interval, timeout)[dst]
+
+
+def ping_interleaved(bed: Bed, ns: str, dsts: list[str], count: int = 10,
+                     interval: float = 0.01, timeout: float = 1.0) -> dict[str, list[float | None]]:
+    """ICMP echo to each of ``dsts`` in turn, ``count`` rounds: alternating
+    gives every destination the same conditions (CPU idle states, load),
+    which is what a comparison of round trips needs."""
     ident = os.getpid() & 0xFFFF
-    rtts: list[float | None] = []
-    with netns.create_socket(ns, _family(dst), socket.SOCK_RAW, proto) as s:
+    sockets = {}
+    rtts: dict[str, list[float | None]] = {d: [] for d in dsts}
+    try:
+        for dst in dsts:
+            proto = socket.IPPROTO_ICMPV6 if ":" in dst else socket.IPPROTO_ICMP
+            sockets[dst] = netns.create_socket(ns, _family(dst), socket.SOCK_RAW, proto)
         for seq in range(count):
-            body = struct.pack("!HH", ident, seq) + b"multitun-ping".ljust(48, b".")
-            packet = struct.pack("!BBH", request_type, 0, 0) + body
-            if not v6:  # the kernel fills ICMPv6 checksums itself (RFC 3542)
-                packet = struct.pack("!BBH", request_type, 0, _checksum(packet)) + body
-            start = time.perf_counter()
-            s.sendto(packet, (dst, 0))
-            rtts.append(None)
-            while (left := start + timeout - time.perf_counter()) > 0:
-                if not select.select([s], [], [], left)[0]:
-                    break
-                reply = s.recv(2048)
-                icmp = reply if v6 else reply[(reply[0] & 0x0F) * 4:]
-                if icmp[0] == reply_type and icmp[4:8] == body[:4]:
-                    rtts[-1] = time.perf_counter() - start
-                    break
+            for i, dst in enumerate(dsts):
+                # A raw ICMP socket sees every echo reply: a distinct identifier
+                # and the source address tell this destination's apart.
+                rtts[dst].append(_echo(sockets[dst], dst, (ident + i) & 0xFFFF, seq, timeout))
             time.sleep(interval)
+    finally:
+        for s in sockets.values():
+            s.close()
     return rtts
+
+
+def _echo(s: socket.socket, dst: str, ident: int, seq: int, timeout: float) -> float | None:
+    v6 = ":" in dst
+    request_type, reply_type = (128, 129) if v6 else (8, 0)
+    body = struct.pack("!HH", ident, seq) + b"multitun-ping".ljust(48, b".")
+    packet = struct.pack("!BBH", request_type, 0, 0) + body
+    if not v6:  # the kernel fills ICMPv6 checksums itself (RFC 3542)
+        packet = struct.pack("!BBH", request_type, 0, _checksum(packet)) + body
+    start = time.perf_counter()
+    s.sendto(packet, (dst, 0))
+    while (left := start + timeout - time.perf_counter()) > 0:
+        if not select.select([s], [], [], left)[0]:
+            break
+        reply, source = s.recvfrom(2048)
+        icmp = reply if v6 else reply[(reply[0] & 0x0F) * 4:]
+        if source[0] == dst and icmp[0] == reply_type and icmp[4:8] == body[:4]:
+            return time.perf_counter() - start
+    return None
 
 
 @dataclass

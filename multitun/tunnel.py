@@ -15,12 +15,13 @@ import os
 import secrets
 import signal
 import socket
+import sys
 import time
 
 from . import wire
 from ._fastpath import WAKE, Engine
 from .config import Config
-from .device import TunDevice
+from .device import SetupError, TunDevice
 from .paths import connect_client_socket, open_client_socket, open_server_socket
 
 log = logging.getLogger("multitun")
@@ -53,6 +54,8 @@ class Tunnel:
         cfg = self.config
         with contextlib.ExitStack() as stack:
             self._install_signals(stack)
+            if cfg.low_latency:
+                stack.enter_context(cpu_latency_qos())
             device = TunDevice(cfg.dev)
             stack.callback(device.close)
             device.configure(cfg.tun_addresses, cfg.effective_mtu)
@@ -173,6 +176,23 @@ class Tunnel:
             for i, sock in enumerate(self.socks):
                 if not _is_connected(sock) and self._connect(i, retry=True):
                     log.info("path %d (%s): connected", i, cfg.paths[i])
+
+
+@contextlib.contextmanager
+def cpu_latency_qos():
+    """Hold a PM QoS request for zero CPU wake-up latency while open
+    (Documentation/power/pm_qos_interface.rst): idle CPUs poll instead of
+    halting, so waking the engine costs no inter-processor interrupt."""
+    try:
+        fd = os.open("/dev/cpu_dma_latency", os.O_WRONLY | os.O_CLOEXEC)
+    except OSError as e:
+        raise SetupError(f"--low-latency: cannot open /dev/cpu_dma_latency: {e.strerror}") from None
+    try:
+        os.write(fd, (0).to_bytes(4, sys.byteorder))
+        log.info("low latency: idle CPUs kept out of sleep states while running")
+        yield
+    finally:
+        os.close(fd)
 
 
 def _is_connected(sock: socket.socket) -> bool:
