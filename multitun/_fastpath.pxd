@@ -24,7 +24,12 @@ cdef enum:
     # differ by 0.65 s of delay before a late first copy counts as too old.
     WINDOW_WORDS = 1024
     CTRL_SLOTS = 64
-    # Control-message room, in 64-bit words so that cmsghdr is aligned.
+    # UDP GSO: datagrams per train (UDP_MAX_SEGMENTS is 64 on kernels before
+    # 6.x) and bytes per train (an IPv4 datagram's payload is at most 65507).
+    GSO_MAX_SEGMENTS = 64
+    GSO_MAX_BYTES = 65000
+    # Control-message room, in 64-bit words so that cmsghdr is aligned: a
+    # source address (IPV6_PKTINFO, 40 bytes) and a UDP_SEGMENT (24).
     CMSG_WORDS = 8
     CMSG_ROOM = CMSG_WORDS * 8
     # Return flags of Engine.run().
@@ -67,11 +72,15 @@ cdef struct Endpoint:
     uint64_t cmsg[CMSG_WORDS]
     size_t cmsglen
     uint64_t learned
+    # Send trains with UDP_SEGMENT; cleared for good if the path refuses one.
+    bint gso
     PathCounters c
 
 cdef struct TunnelCounters:
     uint64_t tun_rx_packets
     uint64_t tun_rx_bytes
+    uint64_t tun_batches
+    uint64_t rx_batches
     uint64_t delivered
     uint64_t delivered_bytes
     uint64_t duplicates
@@ -82,6 +91,7 @@ cdef struct TunnelCounters:
     uint64_t tun_write_errors
     uint64_t send_dropped
     uint64_t control_dropped
+    uint64_t gso_fallbacks
     uint64_t session_changes
     uint64_t endpoint_changes
 
@@ -110,13 +120,16 @@ cdef class Engine:
     cdef TunnelCounters ctr
     cdef ControlPacket ctrl[CTRL_SLOTS]
     cdef int nctrl
-    # An endpoint was learned or a peer session adopted since run() last returned.
+    # An endpoint was learned, a peer session adopted or a path refused UDP GSO
+    # since run() last returned.
     cdef bint event
     # Buffers, allocated once.
     cdef uint8_t *txbuf
     cdef size_t txlen[BATCH]
     cdef iovec txiov[BATCH]
     cdef mmsghdr txmsg[BATCH]
+    cdef int txfirst[BATCH]
+    cdef uint64_t txctl[BATCH][CMSG_WORDS]
     cdef uint8_t *rxbuf
     cdef iovec rxiov[BATCH]
     cdef mmsghdr rxmsg[BATCH]
@@ -126,8 +139,10 @@ cdef class Engine:
     cdef int _run(self, int timeout_ms) noexcept nogil
     cdef int _tun_to_paths(self) noexcept nogil
     cdef void _send_batch(self, int path, int n) noexcept nogil
+    cdef int _group(self, Endpoint *ep, int first, int n) noexcept nogil
     cdef int _send_one(self, int path, const uint8_t *data, size_t n) noexcept nogil
     cdef int _paths_to_tun(self, int sock) noexcept nogil
+    cdef void _receive(self, int sock, uint8_t *p, size_t n, mmsghdr *m, uint64_t now) noexcept nogil
     cdef int _endpoint_for(self, int sock, int path, mmsghdr *m) noexcept nogil
     cdef void _learn(self, int sock, int path, mmsghdr *m) noexcept nogil
     cdef void _adopt_session(self, uint32_t session) noexcept nogil

@@ -16,7 +16,7 @@ The wire format is in multitun/wire.py and docs/PROTOCOL.md.
 """
 
 from libc.errno cimport (
-    errno, EAGAIN, EINTR, EBADF, EFAULT, EINVAL, EMSGSIZE, ENOTSOCK,
+    errno, EAGAIN, EINTR, EBADF, EFAULT, EINVAL, EIO, EMSGSIZE, ENOTSOCK,
 )
 from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t
 from libc.stdlib cimport malloc, free
@@ -212,6 +212,16 @@ cdef size_t sticky_source(msghdr *rx, uint64_t *out) noexcept nogil:
     return 0
 
 
+cdef size_t gro_segment_size(msghdr *rx) noexcept nogil:
+    """The segment size of a UDP GRO train (udp(7) UDP_GRO), or 0."""
+    cdef cmsghdr *c = CMSG_FIRSTHDR(rx)
+    while c != NULL:
+        if c.cmsg_level == SOL_UDP and c.cmsg_type == UDP_GRO:
+            return <size_t>(<int *>CMSG_DATA(c))[0]
+        c = CMSG_NXTHDR(rx, c)
+    return 0
+
+
 cdef object sockaddr_to_tuple(const sockaddr_storage *a):
     cdef const sockaddr_in *a4
     cdef const sockaddr_in6 *a6
@@ -246,7 +256,7 @@ cdef class Engine:
     """
 
     def __cinit__(self, int tun_fd, socks, bint server, uint32_t session,
-                  int wake_fd=-1):
+                  int wake_fd=-1, bint gso=False):
         cdef int i
         cdef epoll_event ev
         if session == 0:
@@ -266,6 +276,7 @@ cdef class Engine:
         for i in range(MAX_PATHS):
             memset(&self.eps[i], 0, sizeof(Endpoint))
             self.eps[i].fd = -1
+            self.eps[i].gso = gso
         for i in range(self.nsocks):
             self.socks[i] = socks[i]
             if not server:
@@ -390,6 +401,7 @@ cdef class Engine:
             d = ep.c
             d["path"] = i
             d["active"] = ep.fd >= 0
+            d["udp_gso"] = ep.gso
             d["remote"] = sockaddr_to_tuple(&ep.addr) if ep.addrlen else None
             out.append(d)
         return out
@@ -455,53 +467,107 @@ cdef class Engine:
             self.ctr.tun_rx_bytes += <uint64_t>r
             n += 1
         if n:
+            self.ctr.tun_batches += 1
             for path in range(MAX_PATHS):
                 if self.eps[path].fd >= 0:
                     self._send_batch(path, n)
         return err
 
     cdef void _send_batch(self, int path, int n) noexcept nogil:
+        """Send the n packets read from the TUN on one path: one sendmmsg()
+        whose messages are single datagrams, or with UDP GSO trains of
+        equal-size datagrams (udp(7) UDP_SEGMENT)."""
         cdef Endpoint *ep = &self.eps[path]
-        cdef msghdr *m
         cdef uint8_t *p
-        cdef int i, r, e, sent = 0
+        cdef int i, g, r, e, ngroups, sent = 0, first = 0
         for i in range(n):
             p = self.txbuf + i * SLOT
             p[2] = <uint8_t>path  # sendmmsg copies before returning: patch in place
             self.txiov[i].iov_base = p
             self.txiov[i].iov_len = self.txlen[i]
-            m = &self.txmsg[i].msg_hdr
+        ngroups = self._group(ep, 0, n)
+        while sent < ngroups:
+            r = sendmmsg(ep.fd, &self.txmsg[sent], ngroups - sent, MSG_DONTWAIT)
+            if r >= 0:
+                for g in range(sent, sent + r):
+                    for i in range(self.txfirst[g], self.txfirst[g] + <int>self.txmsg[g].msg_hdr.msg_iovlen):
+                        ep.c.tx_packets += 1
+                        ep.c.tx_bytes += self.txlen[i]
+                sent += r
+                continue
+            e = errno
+            first = self.txfirst[sent]
+            if e == EINTR:
+                continue
+            if e == EAGAIN:
+                # Socket buffer full: drop rather than stall every path.
+                self.ctr.send_dropped += <uint64_t>(n - first)
+                return
+            if (ep.gso and self.txmsg[sent].msg_hdr.msg_iovlen > 1
+                    and (e == EIO or e == EINVAL or e == EMSGSIZE)):
+                # The path cannot take a train: no checksum offload on its
+                # device (EIO, before Linux 6.11), or segments larger than its
+                # MTU (EINVAL; EMSGSIZE on newer kernels). Datagrams from now
+                # on; the kernel fragments them if they exceed the MTU.
+                ep.gso = False
+                ep.c.last_errno = e
+                self.ctr.gso_fallbacks += 1
+                self.event = True
+                ngroups = self._group(ep, first, n)
+                sent = 0
+                continue
+            ep.c.last_errno = e
+            if e == EMSGSIZE:
+                # This one datagram is too big; the rest may go.
+                ep.c.send_errors += self.txmsg[sent].msg_hdr.msg_iovlen
+                sent += 1
+                continue
+            # ENETUNREACH, EPERM, EHOSTUNREACH, ENOBUFS, ECONNREFUSED...:
+            # the path is unwell now. Count the rest; try again next batch.
+            ep.c.send_errors += <uint64_t>(n - first)
+            return
+
+    cdef int _group(self, Endpoint *ep, int first, int n) noexcept nogil:
+        """Fill txmsg[] with packets first..n-1 for ep, one message per
+        datagram, or per train when ep.gso: a run of equal-size datagrams,
+        the last of which may be shorter (that is what UDP_SEGMENT cuts).
+        Returns the number of messages."""
+        cdef int g = 0, i = first, j, limit
+        cdef size_t seg, ctllen
+        cdef msghdr *m
+        cdef cmsghdr *c
+        while i < n:
+            seg = self.txlen[i]
+            j = i + 1
+            if ep.gso:
+                limit = GSO_MAX_BYTES // <int>seg
+                if limit > GSO_MAX_SEGMENTS:
+                    limit = GSO_MAX_SEGMENTS
+                while j < n and j - i < limit and self.txlen[j] == seg:
+                    j += 1
+                if j < n and j - i < limit and self.txlen[j] < seg:
+                    j += 1
+            m = &self.txmsg[g].msg_hdr
             m.msg_iov = &self.txiov[i]
-            m.msg_iovlen = 1
+            m.msg_iovlen = j - i
             m.msg_name = NULL if ep.connected else <void *>&ep.addr
             m.msg_namelen = 0 if ep.connected else ep.addrlen
-            m.msg_control = <void *>ep.cmsg if ep.cmsglen else NULL
-            m.msg_controllen = ep.cmsglen
             m.msg_flags = 0
-        while sent < n:
-            r = sendmmsg(ep.fd, &self.txmsg[sent], n - sent, MSG_DONTWAIT)
-            if r < 0:
-                e = errno
-                if e == EINTR:
-                    continue
-                if e == EAGAIN:
-                    # Socket buffer full: drop rather than stall every path.
-                    self.ctr.send_dropped += <uint64_t>(n - sent)
-                    return
-                ep.c.last_errno = e
-                if e == EMSGSIZE:
-                    # This one datagram is too big; the rest may go.
-                    ep.c.send_errors += 1
-                    sent += 1
-                    continue
-                # ENETUNREACH, EPERM, EHOSTUNREACH, ENOBUFS, ECONNREFUSED...:
-                # the path is unwell now. Count the rest; try again next batch.
-                ep.c.send_errors += <uint64_t>(n - sent)
-                return
-            for i in range(sent, sent + r):
-                ep.c.tx_packets += 1
-                ep.c.tx_bytes += self.txlen[i]
-            sent += r
+            ctllen = ep.cmsglen
+            memcpy(self.txctl[g], ep.cmsg, ctllen)
+            if j - i > 1:
+                c = <cmsghdr *>(<uint8_t *>self.txctl[g] + ctllen)
+                c.cmsg_level = SOL_UDP
+                c.cmsg_type = UDP_SEGMENT
+                c.cmsg_len = CMSG_LEN(sizeof(uint16_t))
+                (<uint16_t *>CMSG_DATA(c))[0] = <uint16_t>seg
+                ctllen += CMSG_SPACE(sizeof(uint16_t))
+            m.msg_control = <void *>self.txctl[g] if ctllen else NULL
+            m.msg_controllen = ctllen
+            self.txfirst[g] = i
+            g += 1
+            i = j
+        return g
 
     cdef int _send_one(self, int path, const uint8_t *data, size_t n) noexcept nogil:
         cdef Endpoint *ep = &self.eps[path]
@@ -527,12 +593,10 @@ cdef class Engine:
         return 0
 
     cdef int _paths_to_tun(self, int sock) noexcept nogil:
-        cdef int r, i, e, path, verdict
-        cdef ssize_t w
-        cdef size_t n
+        cdef int r, i, e
+        cdef size_t n, seg, off
         cdef uint8_t *p
-        cdef Header h
-        cdef Endpoint *ep
+        cdef mmsghdr *m
         cdef uint64_t now
         for i in range(BATCH):
             self.rxmsg[i].msg_hdr.msg_namelen = sizeof(sockaddr_storage)
@@ -556,51 +620,72 @@ cdef class Engine:
                 self.eps[sock].c.last_errno = e
             return 0
         now = now_ns()
+        self.ctr.rx_batches += 1
         for i in range(r):
+            m = &self.rxmsg[i]
             p = self.rxbuf + i * SLOT
-            n = self.rxmsg[i].msg_len
-            if (self.rxmsg[i].msg_hdr.msg_flags & MSG_TRUNC
-                    or not parse_header(p, n, &h)):
+            n = m.msg_len
+            if m.msg_hdr.msg_flags & MSG_TRUNC:
                 self.ctr.malformed += 1
                 continue
-            if h.ptype != T_DATA and self.server:
-                self._learn(sock, h.path, &self.rxmsg[i])
-            path = self._endpoint_for(sock, h.path, &self.rxmsg[i])
-            if path < 0:
-                self.ctr.unknown_source += 1
-                continue
-            ep = &self.eps[path]
-            ep.c.rx_packets += 1
-            ep.c.rx_bytes += n
-            ep.c.last_rx_ns = now
-            if h.ptype != T_DATA:
-                self._adopt_session(h.session)
-                if h.ptype == T_PROBE:
-                    self._reply_probe(path, p, n)
-                else:
-                    self._queue_control(path, p, n, now)
-                continue
-            if h.session != self.peer_session:
-                self.ctr.wrong_session += 1
-                continue
-            verdict = window_check(&self.win, h.seq)
-            if verdict == W_NEW:
-                while True:
-                    w = write(self.tun_fd, p + HEADER_LEN, n - HEADER_LEN)
-                    if w >= 0 or errno != EINTR:
-                        break
-                if w < 0:
-                    self.ctr.tun_write_errors += 1
-                else:
-                    self.ctr.delivered += 1
-                    self.ctr.delivered_bytes += n - HEADER_LEN
-                    ep.c.first_arrivals += 1
-            elif verdict == W_DUPLICATE:
-                self.ctr.duplicates += 1
-                ep.c.duplicates += 1
-            else:
-                self.ctr.too_old += 1
+            # With UDP_GRO a slot may hold a train of datagrams, each `seg`
+            # long but the last (udp(7)); each is a datagram of its own.
+            seg = gro_segment_size(&m.msg_hdr)
+            if seg == 0:
+                seg = n
+            off = 0
+            while off < n:
+                self._receive(sock, p + off, seg if n - off > seg else n - off, m, now)
+                off += seg
         return 0
+
+    cdef void _receive(self, int sock, uint8_t *p, size_t n, mmsghdr *m,
+                       uint64_t now) noexcept nogil:
+        """One datagram: check it, then deliver, drop or hand it up."""
+        cdef Header h
+        cdef Endpoint *ep
+        cdef int path, verdict
+        cdef ssize_t w
+        if not parse_header(p, n, &h):
+            self.ctr.malformed += 1
+            return
+        if h.ptype != T_DATA and self.server:
+            self._learn(sock, h.path, m)
+        path = self._endpoint_for(sock, h.path, m)
+        if path < 0:
+            self.ctr.unknown_source += 1
+            return
+        ep = &self.eps[path]
+        ep.c.rx_packets += 1
+        ep.c.rx_bytes += n
+        ep.c.last_rx_ns = now
+        if h.ptype != T_DATA:
+            self._adopt_session(h.session)
+            if h.ptype == T_PROBE:
+                self._reply_probe(path, p, n)
+            else:
+                self._queue_control(path, p, n, now)
+            return
+        if h.session != self.peer_session:
+            self.ctr.wrong_session += 1
+            return
+        verdict = window_check(&self.win, h.seq)
+        if verdict == W_NEW:
+            while True:
+                w = write(self.tun_fd, p + HEADER_LEN, n - HEADER_LEN)
+                if w >= 0 or errno != EINTR:
+                    break
+            if w < 0:
+                self.ctr.tun_write_errors += 1
+            else:
+                self.ctr.delivered += 1
+                self.ctr.delivered_bytes += n - HEADER_LEN
+                ep.c.first_arrivals += 1
+        elif verdict == W_DUPLICATE:
+            self.ctr.duplicates += 1
+            ep.c.duplicates += 1
+        else:
+            self.ctr.too_old += 1
 
     cdef int _endpoint_for(self, int sock, int path, mmsghdr *m) noexcept nogil:
         """The path a datagram belongs to, or -1 if its source is not that

@@ -114,6 +114,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="keep this host's idle CPUs out of sleep states while running "
                         "(PM QoS: /dev/cpu_dma_latency = 0); wake-ups, and so round "
                         "trips, get faster at the cost of idle power")
+    p.add_argument("--no-offload", dest="offload", action="store_false",
+                   help="send and receive datagrams one by one (sendmmsg/recvmmsg) "
+                        "instead of UDP GSO/GRO trains")
     p.add_argument("-v", "--verbose", action="count", default=0,
                    help="log more (debug: every probe)")
     return p
@@ -130,6 +133,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
         dev=args.dev,
         mtu=args.mtu,
         low_latency=args.low_latency,
+        offload=args.offload,
     ).check()
 
 

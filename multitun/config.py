@@ -52,6 +52,7 @@ class Config:
     dev: str = DEFAULT_DEV
     mtu: int | None = None
     low_latency: bool = False
+    offload: bool = True
 
     @property
     def is_server(self) -> bool:

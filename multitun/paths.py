@@ -23,6 +23,9 @@ IP_PKTINFO = 8
 SO_SNDBUFFORCE = 32
 SO_RCVBUFFORCE = 33
 SOCKET_BUFFER = 4 << 20
+# <linux/udp.h>
+UDP_SEGMENT = 103
+UDP_GRO = 104
 
 
 def _family(addr: IPAddress) -> int:
@@ -37,6 +40,26 @@ def _size_buffers(sock: socket.socket) -> None:
             sock.setsockopt(socket.SOL_SOCKET, force, SOCKET_BUFFER)
         except PermissionError:
             sock.setsockopt(socket.SOL_SOCKET, plain, SOCKET_BUFFER)
+
+
+def enable_udp_gro(sock: socket.socket) -> bool:
+    """Ask for UDP GRO trains on receive (udp(7) UDP_GRO, Linux 5.0); False
+    where the kernel has no such option."""
+    try:
+        sock.setsockopt(socket.SOL_UDP, UDP_GRO, 1)
+    except OSError:
+        return False
+    return True
+
+
+def udp_gso_supported(sock: socket.socket) -> bool:
+    """Whether the kernel knows UDP_SEGMENT (udp(7), Linux 4.18). A path whose
+    device cannot take trains is found out at the first send, per path."""
+    try:
+        sock.getsockopt(socket.SOL_UDP, UDP_SEGMENT)
+    except OSError:
+        return False
+    return True
 
 
 def _bind_error(e: OSError, addr: IPAddress, port: int) -> SetupError:

@@ -22,7 +22,10 @@ from . import wire
 from ._fastpath import WAKE, Engine
 from .config import Config
 from .device import SetupError, TunDevice
-from .paths import connect_client_socket, open_client_socket, open_server_socket
+from .paths import (
+    connect_client_socket, enable_udp_gro, open_client_socket, open_server_socket,
+    udp_gso_supported,
+)
 
 log = logging.getLogger("multitun")
 
@@ -43,6 +46,7 @@ class Tunnel:
         self.probe_seq = 0
         self._seen_remote: dict[int, tuple | None] = {}
         self._seen_errors: dict[int, int] = {}
+        self._gso_refused: set[int] = set()
         self._seen_sessions = 0
         self._next_error_summary = 0.0
 
@@ -65,15 +69,18 @@ class Tunnel:
                 socks = [open_client_socket(p) for p in cfg.paths]
             for s in socks:
                 stack.callback(s.close)
+            gso = cfg.offload and all(udp_gso_supported(s) for s in socks)
+            gro = cfg.offload and all([enable_udp_gro(s) for s in socks])
             engine = Engine(device.fd, [s.fileno() for s in socks], cfg.is_server,
-                            new_session(), self._wake_fd)
-            self.engine, self.socks = engine, socks
+                            new_session(), self._wake_fd, gso=gso)
+            self._log_offloads(gso, gro)
+            self.engine, self.socks, self._gso = engine, socks, gso
             if not cfg.is_server:
                 for i in range(len(cfg.paths)):
                     self._connect(i)
             self._log_start(device.name)
             self._loop()
-        log.info("stopped")
+            self._log_totals()
         return 0
 
     def _install_signals(self, stack: contextlib.ExitStack) -> None:
@@ -95,6 +102,14 @@ class Tunnel:
             log.warning("path %d (%s): %s; sending unconnected, will retry", i, path, err.strerror)
         return err is None
 
+    def _log_offloads(self, gso: bool, gro: bool) -> None:
+        if not self.config.offload:
+            log.info("offloads off (--no-offload): datagrams sent and received one by one")
+            return
+        log.info("UDP GSO on send: %s; UDP GRO on receive: %s",
+                 "on" if gso else "not supported by this kernel",
+                 "on" if gro else "not supported by this kernel")
+
     def _log_start(self, dev: str) -> None:
         cfg = self.config
         addrs = ", ".join(str(a) for a in cfg.tun_addresses)
@@ -105,6 +120,15 @@ class Tunnel:
             log.info("listening on %s port %d", cfg.server_listen, cfg.port)
         for i, path in enumerate(cfg.paths):
             log.info("path %d: %s port %d", i, path, cfg.port)
+
+    def _log_totals(self) -> None:
+        s = self.engine.stats()
+        log.info("stopped: %d packets from the TUN in %d batches; %d delivered to it, %d "
+                 "duplicates, %d too old, %d malformed, %d wrong session, %d unknown source, "
+                 "%d from %d receive batches", s["tun_rx_packets"], s["tun_batches"],
+                 s["delivered"], s["duplicates"], s["too_old"], s["malformed"],
+                 s["wrong_session"], s["unknown_source"],
+                 sum(p["rx_packets"] for p in self.engine.paths()), s["rx_batches"])
 
     def _loop(self) -> None:
         engine, interval = self.engine, self.config.probe_interval
@@ -142,7 +166,8 @@ class Tunnel:
             log.debug("path %d: probe %d answered in %.0f us", path, header.seq, rtt_us)
 
     def _log_events(self) -> None:
-        """Say what changed: a peer (re)started, an endpoint learned or moved."""
+        """Say what changed: a peer (re)started, an endpoint learned or moved,
+        a path refused UDP GSO."""
         stats = self.engine.stats()
         if stats["session_changes"] != self._seen_sessions:
             log.info("peer %s session %08x",
@@ -154,6 +179,10 @@ class Tunnel:
             if self.config.is_server and p["remote"] and p["remote"] != self._seen_remote.get(i):
                 log.info("path %d: peer endpoint %s:%d", i, *p["remote"])
             self._seen_remote[i] = p["remote"]
+            if self._gso and not p["udp_gso"] and i not in self._gso_refused:
+                log.warning("path %d: refused a UDP GSO train (%s); sending datagrams one "
+                            "by one on it", i, os.strerror(p["last_errno"]))
+                self._gso_refused.add(i)
 
     def _housekeeping(self, now: float) -> None:
         engine, cfg = self.engine, self.config

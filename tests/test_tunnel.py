@@ -40,6 +40,58 @@ def test_tcp_transfer_intact(tunnel, direction):
     assert result.received_sha256 == result.sent_sha256
 
 
+def test_tcp_transfer_intact_without_offload(bed, tmp_path):
+    # --no-offload: one datagram per send and receive; the same bytes arrive.
+    with TunnelPair(bed, tmp_path, server_extra=("--no-offload",),
+                    client_extra=("--no-offload",)) as pair:
+        pair.wait_carrying()
+        for src, dst_ns, dst in ((bed.client, bed.server, TUN_SERVER),
+                                 (bed.server, bed.client, TUN_CLIENT)):
+            data = os.urandom(16 << 20)
+            result = tcp_transfer(bed, src, dst_ns, dst, data=data)
+            assert result.received_sha256 == result.sent_sha256
+        assert "offloads off (--no-offload)" in pair.logs("client")
+
+
+def test_path_refusing_gso_falls_back(tunnel):
+    # A path whose MTU is below the tunnel's datagrams (PPPoE, some LTE links)
+    # refuses UDP GSO trains (EINVAL, or EMSGSIZE on newer kernels). That path alone drops to single datagrams, which the kernel
+    # fragments; the bytes still arrive intact, both ways.
+    bed = tunnel.bed
+    for ns, dev in ((bed.client, "c1"), (bed.server, "s1")):
+        subprocess.run(bed.command(ns, ["ip", "link", "set", dev, "mtu", "1400"]), check=True)
+    for src, dst_ns, dst, side in ((bed.client, bed.server, TUN_SERVER, "client"),
+                                   (bed.server, bed.client, TUN_CLIENT, "server")):
+        result = tcp_transfer(bed, src, dst_ns, dst, data=os.urandom(8 << 20))
+        assert result.received_sha256 == result.sent_sha256
+        log = tunnel.wait_log(side, "path 1: refused a UDP GSO train")
+        assert "path 0: refused" not in log
+
+
+@pytest.mark.parametrize("direction", ["client->server", "server->client"])
+def test_udp_datagrams_intact(tunnel, direction):
+    # Datagrams of every size up to the MTU, each checked byte for byte: UDP
+    # GSO trains (equal sizes with a shorter last one) must cut them right.
+    bed = tunnel.bed
+    src, dst_ns, dst = ((bed.client, bed.server, TUN_SERVER) if direction == "client->server"
+                        else (bed.server, bed.client, TUN_CLIENT))
+    rng = random.Random(7)
+    sizes = [rng.choice([1400, 1400, 1400, rng.randrange(4, 1429)]) for _ in range(6000)]
+    sent = [struct.pack("!I", i) + rng.randbytes(n - 4) for i, n in enumerate(sizes)]
+    with bed.socket(dst_ns) as rx, bed.socket(src) as tx:
+        rx.bind((dst, 9002))
+        big_receive_buffer(rx)
+        got = []
+        catcher = threading.Thread(target=lambda: got.extend(receive_all(rx, quiet=1.0)))
+        catcher.start()
+        for i, datagram in enumerate(sent):
+            tx.sendto(datagram, (dst, 9002))
+            if i % 100 == 99:
+                time.sleep(0.002)  # bursts of 100: trains, without overrunning the reader
+        catcher.join()
+    assert sorted(got) == sorted(sent)
+
+
 def test_identical_ipv6_datagrams_all_arrive(tunnel):
     # The original compared packets byte for byte and delivered 1 of 100.
     bed = tunnel.bed

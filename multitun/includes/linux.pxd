@@ -121,6 +121,15 @@ cdef extern from "<netinet/in.h>" nogil:
         IPV6_PKTINFO
 
 
+cdef extern from "<netinet/udp.h>" nogil:
+    enum:
+        SOL_UDP
+        # udp(7): send a train of equal-size datagrams as one buffer (UDP GSO);
+        # receive such trains whole, with their segment size (UDP GRO).
+        UDP_SEGMENT
+        UDP_GRO
+
+
 cdef extern from "<endian.h>" nogil:
     uint32_t htobe32(uint32_t)
     uint32_t be32toh(uint32_t)
