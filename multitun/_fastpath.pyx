@@ -422,16 +422,21 @@ cdef class Engine:
             if n == 0:
                 return WAKE_TIMEOUT
             flags = 0
+            # Outbound first: when a reply is already queued on the TUN and the
+            # duplicate of the packet that caused it is waiting on a path, the
+            # reply should not wait for the duplicate to be read and dropped.
             for i in range(n):
                 if events[i].data.u32 == TAG_TUN:
                     rc = self._tun_to_paths()
-                elif events[i].data.u32 == TAG_WAKE:
+                    if rc < 0:
+                        return rc
+            for i in range(n):
+                if events[i].data.u32 == TAG_WAKE:
                     flags |= WAKE_FD
-                    rc = 0
-                else:
+                elif events[i].data.u32 != TAG_TUN:
                     rc = self._paths_to_tun(events[i].data.u32)
-                if rc < 0:
-                    return rc
+                    if rc < 0:
+                        return rc
             if self.nctrl:
                 flags |= WAKE_CONTROL
             if self.event:
