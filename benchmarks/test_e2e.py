@@ -61,7 +61,7 @@ def test_added_rtt(benchmark, pair):
 
     def measure():
         result.update(ping_interleaved(bed, bed.client, [BARE, TUN_SERVER],
-                                       count=1000, interval=0.001))
+                                       count=2000, interval=0.001))
 
     benchmark.pedantic(measure, rounds=1, iterations=1)
     assert None not in result[TUN_SERVER]

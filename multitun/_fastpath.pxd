@@ -123,6 +123,8 @@ cdef class Engine:
     # An endpoint was learned, a peer session adopted or a path refused UDP GSO
     # since run() last returned.
     cdef bint event
+    # After activity, poll this long before sleeping in epoll_wait (0: never).
+    cdef uint64_t busy_poll_ns
     # Buffers, allocated once.
     cdef uint8_t *txbuf
     cdef size_t txlen[BATCH]

@@ -23,6 +23,9 @@ from libc.stdlib cimport malloc, free
 from libc.string cimport memcpy, memset, memcmp
 from posix.unistd cimport read, write, close
 
+cdef extern from "<sched.h>" nogil:
+    int sched_yield()
+
 
 from .includes.linux cimport *
 
@@ -256,7 +259,7 @@ cdef class Engine:
     """
 
     def __cinit__(self, int tun_fd, socks, bint server, uint32_t session,
-                  int wake_fd=-1, bint gso=False):
+                  int wake_fd=-1, bint gso=False, int busy_poll_us=0):
         cdef int i
         cdef epoll_event ev
         if session == 0:
@@ -272,6 +275,7 @@ cdef class Engine:
         self.wake_fd = wake_fd
         self.server = server
         self.session = session
+        self.busy_poll_ns = <uint64_t>busy_poll_us * 1000
         self.nsocks = len(socks)
         for i in range(MAX_PATHS):
             memset(&self.eps[i], 0, sizeof(Endpoint))
@@ -410,17 +414,32 @@ cdef class Engine:
 
     cdef int _run(self, int timeout_ms) noexcept nogil:
         cdef epoll_event events[MAX_PATHS + 2]
-        cdef uint64_t deadline = now_ns() + <uint64_t>timeout_ms * 1000000ULL
-        cdef uint64_t t
-        cdef int n, i, rc, flags, wait_ms = timeout_ms
+        cdef uint64_t t = now_ns()
+        cdef uint64_t deadline = t + <uint64_t>timeout_ms * 1000000ULL
+        cdef uint64_t poll_until = t + self.busy_poll_ns
+        cdef int n, i, rc, flags, wait_ms
         while True:
+            # Within busy_poll_ns of the last activity, poll without sleeping
+            # (the answer to what was just sent often comes back within it, and
+            # a sleeping process costs a wake-up); else sleep to the deadline.
+            if t < poll_until:
+                wait_ms = 0
+            else:
+                wait_ms = <int>((deadline - t + 999999) // 1000000) if deadline > t else 0
             n = epoll_wait(self.epfd, events, MAX_PATHS + 2, wait_ms)
             if n < 0:
                 # epoll_wait(2): EINTR when a signal handler interrupted the
                 # wait; Python must run its handler now.
                 return WAKE_SIGNAL if errno == EINTR else -errno
+            t = now_ns()
             if n == 0:
-                return WAKE_TIMEOUT
+                if t >= deadline:
+                    return WAKE_TIMEOUT
+                # sched_yield(2): whoever the last packet woke gets this CPU
+                # at once; polling must never delay the traffic it waits for.
+                sched_yield()
+                continue
+            poll_until = t + self.busy_poll_ns
             flags = 0
             # Outbound first: when a reply is already queued on the TUN and the
             # duplicate of the packet that caused it is waiting on a path, the
@@ -444,10 +463,8 @@ cdef class Engine:
                 self.event = False
             if flags:
                 return flags
-            t = now_ns()
             if t >= deadline:
                 return WAKE_TIMEOUT
-            wait_ms = <int>((deadline - t + 999999) // 1000000)
 
     cdef int _tun_to_paths(self) noexcept nogil:
         cdef int n = 0, path, err = 0

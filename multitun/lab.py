@@ -122,8 +122,12 @@ class Bed:
         return subprocess.Popen(self.command(ns, argv), **kw)
 
     def multitun(self, ns: str, args: list[str], **kw: object) -> subprocess.Popen:
-        """Start ``python -m multitun ARGS`` in ``ns``."""
-        return self.popen(ns, [sys.executable, "-m", "multitun", *args], **kw)
+        """Start ``python -m multitun ARGS`` in ``ns``, running the very package
+        this process imported (installed or a source tree), whatever the cwd."""
+        here = str(Path(__file__).resolve().parent.parent)
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+            filter(None, [here, os.environ.get("PYTHONPATH")]))}
+        return self.popen(ns, [sys.executable, "-m", "multitun", *args], env=env, **kw)
 
     def set_link(self, ns: str, ifname: str, up: bool) -> None:
         with IPRoute(netns=ns) as ipr:
@@ -312,6 +316,33 @@ def _echo(s: socket.socket, dst: str, ident: int, seq: int, timeout: float) -> f
         if source[0] == dst and icmp[0] == reply_type and icmp[4:8] == body[:4]:
             return time.perf_counter() - start
     return None
+
+
+def udp_stream(bed: Bed, src_ns: str, dst_ns: str, dst: str, rate: float, count: int,
+               port: int = 9001, quiet: float = 1.5) -> list[int]:
+    """Send ``count`` numbered datagrams at ``rate`` per second; the numbers
+    received, in arrival order (a number twice is a duplicate delivered)."""
+    fam = _family(dst)
+    received: list[int] = []
+    with bed.socket(dst_ns, fam) as rx, bed.socket(src_ns, fam) as tx:
+        rx.bind((dst, port))
+        # socket(7) SO_RCVBUFFORCE: the reader must never be what drops.
+        rx.setsockopt(socket.SOL_SOCKET, 33, 8 << 20)
+
+        def catch() -> None:
+            while select.select([rx], [], [], quiet)[0]:
+                received.append(struct.unpack("!I", rx.recv(2048)[:4])[0])
+
+        catcher = threading.Thread(target=catch)
+        catcher.start()
+        start = time.monotonic()
+        for i in range(count):
+            delay = start + i / rate - time.monotonic()
+            if delay > 0:
+                time.sleep(delay)
+            tx.sendto(struct.pack("!I", i).ljust(100, b"."), (dst, port))
+        catcher.join()
+    return received
 
 
 @dataclass

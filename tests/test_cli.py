@@ -65,6 +65,17 @@ def test_default_mtu_fits_a_1500_byte_path(cmdline, mtu):
     assert config(cmdline).effective_mtu == mtu
 
 
+def test_help(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    for flag in ("-s, --server_listen_addr", "-p, --server_port", "-l, --tun_listen_addr",
+                 "-c, --client_endpoints", "-n, --nonblocking", "-t, --timeout", "--dev",
+                 "default multitun%d", "--mtu", "--no-offload", "--low-latency", "multitun demo"):
+        assert flag in out
+
+
 def test_version(capsys):
     with pytest.raises(SystemExit) as e:
         main(["--version"])

@@ -14,7 +14,9 @@ import time
 import pytest
 
 from multitun import wire
-from multitun.lab import TUN_CLIENT, TUN_SERVER, TUN_SERVER6, TunnelPair, ping, tcp_transfer
+from multitun.lab import (
+    TUN_CLIENT, TUN_SERVER, TUN_SERVER6, TunnelPair, ping, tcp_transfer, udp_stream,
+)
 
 from .conftest import requires_root
 
@@ -109,8 +111,8 @@ def test_identical_ipv6_datagrams_all_arrive(tunnel):
 
 
 def big_receive_buffer(sock):
-    # So that the test's reader, not the tunnel, is never what drops (socket(7)).
-    sock.setsockopt(socket.SOL_SOCKET, 33, 8 << 20)  # SO_RCVBUFFORCE
+    # So that the test's reader, not the tunnel, is never what drops.
+    sock.setsockopt(socket.SOL_SOCKET, 33, 8 << 20)  # socket(7) SO_RCVBUFFORCE
 
 
 def receive_all(sock, quiet):
@@ -120,33 +122,11 @@ def receive_all(sock, quiet):
     return out
 
 
-class Stream:
-    """Numbered UDP datagrams at a fixed rate, client -> server, through the tunnel."""
-
-    def __init__(self, bed, rate, count):
-        self.bed, self.rate, self.count = bed, rate, count
-        self.received = []
-
-    def run(self):
-        with self.bed.socket(self.bed.server) as rx, self.bed.socket(self.bed.client) as tx:
-            rx.bind((TUN_SERVER, 9001))
-            big_receive_buffer(rx)
-            catcher = threading.Thread(target=lambda: self.received.extend(
-                struct.unpack("!I", d[:4])[0] for d in receive_all(rx, quiet=1.5)))
-            catcher.start()
-            start = time.monotonic()
-            for i in range(self.count):
-                delay = start + i / self.rate - time.monotonic()
-                if delay > 0:
-                    time.sleep(delay)
-                tx.sendto(struct.pack("!I", i).ljust(100, b"."), (TUN_SERVER, 9001))
-            catcher.join()
-
-
 def test_link_down_and_up_during_stream_loses_nothing(tunnel):
     bed = tunnel.bed
-    stream = Stream(bed, rate=500, count=3000)  # 6 s
-    sender = threading.Thread(target=stream.run)
+    received = []
+    sender = threading.Thread(target=lambda: received.extend(  # 6 s at 500/s
+        udp_stream(bed, bed.client, bed.server, TUN_SERVER, rate=500, count=3000)))
     sender.start()
     time.sleep(1.5)
     bed.set_link(bed.client, "c0", up=False)  # sends on path 0 now fail: ENETUNREACH
@@ -157,8 +137,8 @@ def test_link_down_and_up_during_stream_loses_nothing(tunnel):
     time.sleep(1.0)
     bed.set_link(bed.server, "s1", up=True)
     sender.join()
-    assert sorted(stream.received) == list(range(3000)), \
-        f"lost {3000 - len(set(stream.received))}, duplicated {len(stream.received) - len(set(stream.received))}"
+    assert sorted(received) == list(range(3000)), \
+        f"lost {3000 - len(set(received))}, duplicated {len(received) - len(set(received))}"
     assert tunnel.client.poll() is None and tunnel.server.poll() is None
     tunnel.wait_log("client", "send errors", timeout=6)
 
@@ -186,13 +166,12 @@ def test_ten_percent_loss_on_each_path_gives_about_one_percent(tunnel):
     nft(bed.server, "add table inet mt",
         "add chain inet mt input { type filter hook input priority 0; }",
         "add rule inet mt input udp dport 5678 numgen random mod 100 < 10 drop")
-    stream = Stream(bed, rate=2500, count=10000)
-    stream.run()
-    loss = 1 - len(set(stream.received)) / stream.count
+    received = udp_stream(bed, bed.client, bed.server, TUN_SERVER, rate=2500, count=10000)
+    loss = 1 - len(set(received)) / 10000
     # Each path drops 10% independently: both lose a packet 1% of the time.
     # Binomial(10000, 0.01) has sd 1%/10; 0.4%..1.8% is beyond 5 sd either way.
     assert 0.004 < loss < 0.018, f"loss {loss:.2%}"
-    assert len(stream.received) == len(set(stream.received)), "duplicates delivered"
+    assert len(received) == len(set(received)), "duplicates delivered"
 
 
 def test_flood_of_hostile_datagrams_changes_nothing(tunnel):
