@@ -70,8 +70,9 @@ def test_help(capsys):
         main(["--help"])
     assert e.value.code == 0
     out = capsys.readouterr().out
-    for flag in ("-s, --server_listen_addr", "-p, --server_port", "-l, --tun_listen_addr",
-                 "-c, --client_endpoints", "-n, --nonblocking", "-t, --timeout", "--dev",
+    for flag in ("-s ADDR, --server_listen_addr", "-p PORT, --server_port",
+                 "-l ADDR[/PREFIX], --tun_listen_addr", "-c LOCAL:SERVER[,...], --client_endpoints",
+                 "-n, --nonblocking", "-t SECONDS, --timeout", "--dev",
                  "default multitun%d", "--mtu", "--no-offload", "--low-latency", "multitun demo"):
         assert flag in out
 
