@@ -69,7 +69,7 @@ def test_help(capsys):
     with pytest.raises(SystemExit) as e:
         main(["--help"])
     assert e.value.code == 0
-    out = capsys.readouterr().out
+    out = " ".join(capsys.readouterr().out.split())  # wrapping follows the terminal
     for flag in ("-s ADDR, --server_listen_addr", "-p PORT, --server_port",
                  "-l ADDR[/PREFIX], --tun_listen_addr", "-c LOCAL:SERVER[,...], --client_endpoints",
                  "-n, --nonblocking", "-t SECONDS, --timeout", "--dev",
