@@ -107,7 +107,6 @@ cdef class ReplayWindow:
 cdef class Engine:
     cdef int epfd
     cdef int tun_fd
-    cdef int wake_fd
     cdef bint server
     cdef int nsocks
     cdef int socks[MAX_PATHS]

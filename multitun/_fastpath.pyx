@@ -255,11 +255,12 @@ cdef class Engine:
 
     ``socks`` are the path sockets' fds. A client passes one connect()ed socket
     per path (path i is socket i). A server passes its one listening socket;
-    its endpoints are learned from probes, path by path.
+    its endpoints are learned from probes, path by path. ``run()`` returns
+    when any of ``wake_fds`` is readable (signals, status requests).
     """
 
     def __cinit__(self, int tun_fd, socks, bint server, uint32_t session,
-                  int wake_fd=-1, bint gso=False, int busy_poll_us=0):
+                  wake_fds=(), bint gso=False, int busy_poll_us=0):
         cdef int i
         cdef epoll_event ev
         if session == 0:
@@ -272,7 +273,6 @@ cdef class Engine:
         if self.txbuf == NULL or self.rxbuf == NULL:
             raise MemoryError()
         self.tun_fd = tun_fd
-        self.wake_fd = wake_fd
         self.server = server
         self.session = session
         self.busy_poll_ns = <uint64_t>busy_poll_us * 1000
@@ -297,8 +297,8 @@ cdef class Engine:
         if self.epfd < 0:
             raise OSError(errno, os.strerror(errno))
         self._watch(tun_fd, TAG_TUN)
-        if wake_fd >= 0:
-            self._watch(wake_fd, TAG_WAKE)
+        for fd in wake_fds:
+            self._watch(fd, TAG_WAKE)
         for i in range(self.nsocks):
             self._watch(self.socks[i], i)
 

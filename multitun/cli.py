@@ -9,20 +9,23 @@ Bad input gets one line on stderr and exit status 2, never a traceback.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 from collections.abc import Callable, Sequence
 
 from ._version import __version__
 from .config import (
-    DEFAULT_DEV, DEFAULT_PORT, DEFAULT_PROBE_INTERVAL, DEFAULT_TIMEOUT, MAX_MTU,
-    Config, ConfigError, parse_address, parse_paths, parse_port, parse_tun_address,
+    DEFAULT_DEV, DEFAULT_DOWN_AFTER, DEFAULT_PORT, DEFAULT_PROBE_INTERVAL, DEFAULT_TIMEOUT,
+    MAX_MTU, Config, ConfigError, parse_address, parse_hostport, parse_paths, parse_port,
+    parse_tun_address,
 )
 from .device import SetupError
 
 EXAMPLES = """\
 other commands:
   multitun demo         a tunnel over two paths in network namespaces, measured
+  multitun status       paths and counters of the instance in this namespace
 
 examples:
   server, TUN 10.42.42.1/24, UDP port 5678 on every address:
@@ -74,6 +77,20 @@ def _listen_address(text: str) -> object:
     return parse_address(text, "server listen address")
 
 
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: time, level, pid, message, and the event's
+    own fields (``extra=``) when it has them."""
+
+    _plain = set(vars(logging.makeLogRecord({})))
+
+    def format(self, record: logging.LogRecord) -> str:
+        out = {"time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S") + f".{int(record.msecs):03d}",
+               "level": record.levelname.lower(), "pid": record.process,
+               "message": record.getMessage()}
+        out.update((k, v) for k, v in vars(record).items() if k not in self._plain)
+        return json.dumps(out)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser; no side effects (the man page is generated from it)."""
     p = _Parser(
@@ -113,6 +130,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--probe-interval", type=_checked(_seconds), default=DEFAULT_PROBE_INTERVAL,
                    metavar="SECONDS",
                    help=f"probe (keepalive) every path this often (default {DEFAULT_PROBE_INTERVAL:g})")
+    p.add_argument("--down-after", type=_checked(_seconds), metavar="SECONDS",
+                   help=f"a path is down when no probe was answered for this long "
+                        f"(default {DEFAULT_DOWN_AFTER:g}, or 3 probe intervals if longer)")
+    p.add_argument("--metrics", type=_checked(parse_hostport), metavar="HOST:PORT",
+                   help="serve Prometheus metrics on http://HOST:PORT/metrics "
+                        "(needs multitun[metrics])")
+    p.add_argument("--log-format", choices=("text", "json"), default="text",
+                   help="log lines as text (default) or as one JSON object each")
     p.add_argument("--low-latency", action="store_true",
                    help="trade power for round-trip time: keep this host's idle CPUs "
                         "out of sleep states while running (PM QoS, /dev/cpu_dma_latency "
@@ -137,6 +162,8 @@ def config_from_args(args: argparse.Namespace) -> Config:
         mtu=args.mtu,
         low_latency=args.low_latency,
         offload=args.offload,
+        down_after=args.down_after,
+        metrics=args.metrics,
     ).check()
 
 
@@ -145,17 +172,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     if argv[:1] == ["demo"]:
         from . import demo
         return demo.main(argv[1:])
+    if argv[:1] == ["status"]:
+        from . import status
+        return status.main(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
         config = config_from_args(args)
     except ConfigError as e:
         parser.error(str(e))
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s multitun[%(process)d] %(levelname)s %(message)s",
-        stream=sys.stderr,
-    )
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonFormatter() if args.log_format == "json" else logging.Formatter(
+        "%(asctime)s multitun[%(process)d] %(levelname)s %(message)s"))
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        handlers=[handler])
     from .tunnel import Tunnel  # the compiled engine is only needed past this point
     try:
         return Tunnel(config).run()

@@ -17,6 +17,7 @@ IPInterface = ipaddress.IPv4Interface | ipaddress.IPv6Interface
 DEFAULT_PORT = 5678
 DEFAULT_TIMEOUT = 20.0
 DEFAULT_PROBE_INTERVAL = 0.1
+DEFAULT_DOWN_AFTER = 0.5
 DEFAULT_DEV = "multitun%d"
 # The path MTU multitun plans for when --mtu is not given: Ethernet's.
 PATH_MTU = 1500
@@ -53,6 +54,8 @@ class Config:
     mtu: int | None = None
     low_latency: bool = False
     offload: bool = True
+    down_after: float | None = None
+    metrics: tuple[str, int] | None = None
 
     @property
     def is_server(self) -> bool:
@@ -75,6 +78,13 @@ class Config:
         ip = max(IP_HEADER[v] for v in self.outer_families)
         return PATH_MTU - ip - UDP_HEADER - wire.HEADER_LEN
 
+    @property
+    def effective_down_after(self) -> float:
+        """--down-after, or 0.5 s (three probe intervals if that is longer)."""
+        if self.down_after is not None:
+            return self.down_after
+        return max(DEFAULT_DOWN_AFTER, 3 * self.probe_interval)
+
     def check(self) -> Config:
         if (self.server_listen is None) == (not self.paths):
             raise ConfigError("give either -s (server) or -c (client), not both")
@@ -88,6 +98,8 @@ class Config:
             raise ConfigError(f"probe interval must be positive, got {self.probe_interval:g}")
         if self.probe_interval >= self.timeout:
             raise ConfigError("probe interval must be shorter than the timeout")
+        if self.down_after is not None and self.down_after <= self.probe_interval:
+            raise ConfigError("--down-after must be longer than the probe interval")
         mtu = self.effective_mtu
         for addr in self.tun_addresses:
             if mtu < MIN_MTU[addr.version]:
@@ -130,6 +142,14 @@ def parse_port(text: str) -> int:
     if not 1 <= port <= 65535:
         raise ConfigError(f"port: {port} is out of range 1-65535")
     return port
+
+
+def parse_hostport(text: str) -> tuple[str, int]:
+    """``HOST:PORT`` for a listening socket; IPv6 in brackets: ``[::1]:9100``."""
+    host, colon, port = text.rpartition(":")
+    if not colon or not host:
+        raise ConfigError(f"{text!r}: expected HOST:PORT (e.g. 127.0.0.1:9100)")
+    return str(parse_address(host, "metrics address")), parse_port(port)
 
 
 def parse_paths(text: str) -> tuple[PathSpec, ...]:

@@ -2,9 +2,11 @@
 
 The compiled engine moves packets; this module does what happens a few times a
 second: probes on every path (they are the keepalives that let the server learn
-the client's paths before any data, and keep NAT mappings open), forgetting
-server-side endpoints silent for --timeout, reconnecting client paths that had
-no route at start, and logging what changed. Nothing here runs per packet.
+the client's paths before any data and keep NAT mappings open, and they measure
+each path's health), forgetting server-side endpoints silent for --timeout,
+reconnecting client paths that had no route at start, answering `multitun
+status`, publishing metrics, and logging what changed. Nothing here runs per
+packet.
 """
 
 from __future__ import annotations
@@ -20,12 +22,16 @@ import time
 
 from . import wire
 from ._fastpath import WAKE, Engine
+from ._version import __version__
 from .config import Config
 from .device import SetupError, TunDevice
+from .health import LOST_AFTER_INTERVALS, PathHealth
+from .metrics import MetricsServer
 from .paths import (
     connect_client_socket, enable_udp_gro, open_client_socket, open_server_socket,
     udp_gso_supported,
 )
+from .status import StatusServer
 
 log = logging.getLogger("multitun")
 
@@ -42,11 +48,23 @@ def new_session() -> int:
     return secrets.randbelow(0xFFFFFFFF) + 1
 
 
+def _hostport(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _event(name: str, **fields: object) -> dict:
+    """Structured fields for a log line (--log-format json shows them)."""
+    return {"event": name, **fields}
+
+
 class Tunnel:
     def __init__(self, config: Config) -> None:
         self.config = config
         self.stopping = False
+        self.started = time.monotonic()
         self.probe_seq = 0
+        self.health: dict[int, PathHealth] = {}
+        self.published: dict = {}
         self._seen_remote: dict[int, tuple | None] = {}
         self._seen_errors: dict[int, int] = {}
         self._gso_refused: set[int] = set()
@@ -60,12 +78,15 @@ class Tunnel:
         """Run until SIGINT/SIGTERM; 0 on a clean stop."""
         cfg = self.config
         with contextlib.ExitStack() as stack:
-            self._install_signals(stack)
+            wake_fd = self._install_signals(stack)
             if cfg.low_latency:
                 stack.enter_context(cpu_latency_qos())
             device = TunDevice(cfg.dev)
             stack.callback(device.close)
+            self.dev = device.name
             device.configure(cfg.tun_addresses, cfg.effective_mtu)
+            self.status = StatusServer(device.name)
+            stack.callback(self.status.close)
             if cfg.is_server:
                 socks = [open_server_socket(cfg.server_listen, cfg.port)]
             else:
@@ -74,29 +95,39 @@ class Tunnel:
                 stack.callback(s.close)
             gso = cfg.offload and all(udp_gso_supported(s) for s in socks)
             gro = cfg.offload and all([enable_udp_gro(s) for s in socks])
-            engine = Engine(device.fd, [s.fileno() for s in socks], cfg.is_server,
-                            new_session(), self._wake_fd, gso=gso,
-                            busy_poll_us=LOW_LATENCY_BUSY_POLL_US if cfg.low_latency else 0)
-            self._log_offloads(gso, gro)
-            self.engine, self.socks, self._gso = engine, socks, gso
+            self.engine = Engine(
+                device.fd, [s.fileno() for s in socks], cfg.is_server, new_session(),
+                (wake_fd, self.status.fileno()), gso=gso,
+                busy_poll_us=LOW_LATENCY_BUSY_POLL_US if cfg.low_latency else 0)
+            self.socks, self._gso, self._wake_fd = socks, gso, wake_fd
             if not cfg.is_server:
                 for i in range(len(cfg.paths)):
+                    self.health[i] = self._new_health()
                     self._connect(i)
-            self._log_start(device.name)
+            self.published = self.snapshot()
+            if cfg.metrics:
+                metrics = MetricsServer(cfg.metrics[0], cfg.metrics[1], lambda: self.published)
+                stack.callback(metrics.close)
+            self._log_start(gso, gro)
             self._loop()
             self._log_totals()
         return 0
 
-    def _install_signals(self, stack: contextlib.ExitStack) -> None:
+    def _install_signals(self, stack: contextlib.ExitStack) -> int:
         # The engine waits in epoll with the GIL released; set_wakeup_fd makes a
         # signal readable on a pipe the engine watches, so it returns at once.
         rfd, wfd = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         stack.callback(os.close, rfd)
         stack.callback(os.close, wfd)
-        self._wake_fd = rfd
         for sig in (signal.SIGINT, signal.SIGTERM):
             stack.callback(signal.signal, sig, signal.signal(sig, self.stop))
         stack.callback(signal.set_wakeup_fd, signal.set_wakeup_fd(wfd, warn_on_full_buffer=False))
+        return rfd
+
+    def _new_health(self) -> PathHealth:
+        interval_ns = int(self.config.probe_interval * 1e9)
+        return PathHealth(down_after_ns=int(self.config.effective_down_after * 1e9),
+                          lost_after_ns=LOST_AFTER_INTERVALS * interval_ns)
 
     def _connect(self, i: int, retry: bool = False) -> bool:
         path, port = self.config.paths[i], self.config.port
@@ -106,24 +137,26 @@ class Tunnel:
             log.warning("path %d (%s): %s; sending unconnected, will retry", i, path, err.strerror)
         return err is None
 
-    def _log_offloads(self, gso: bool, gro: bool) -> None:
-        if not self.config.offload:
-            log.info("offloads off (--no-offload): datagrams sent and received one by one")
-            return
-        log.info("UDP GSO on send: %s; UDP GRO on receive: %s",
-                 "on" if gso else "not supported by this kernel",
-                 "on" if gro else "not supported by this kernel")
+    # --------------------------------------------------------------- logging
 
-    def _log_start(self, dev: str) -> None:
+    def _log_start(self, gso: bool, gro: bool) -> None:
         cfg = self.config
         addrs = ", ".join(str(a) for a in cfg.tun_addresses)
-        log.info("multitun %s on %s (%s, mtu %d), session %08x",
-                 "server" if cfg.is_server else "client", dev, addrs,
+        log.info("multitun %s %s on %s (%s, mtu %d), session %08x", __version__,
+                 "server" if cfg.is_server else "client", self.dev, addrs,
                  cfg.effective_mtu, self.engine.session)
         if cfg.is_server:
-            log.info("listening on %s port %d", cfg.server_listen, cfg.port)
+            log.info("listening on %s", _hostport(str(cfg.server_listen), cfg.port))
         for i, path in enumerate(cfg.paths):
             log.info("path %d: %s port %d", i, path, cfg.port)
+        if not cfg.offload:
+            log.info("offloads off (--no-offload): datagrams sent and received one by one")
+        else:
+            log.info("UDP GSO on send: %s; UDP GRO on receive: %s",
+                     "on" if gso else "not supported by this kernel",
+                     "on" if gro else "not supported by this kernel")
+        if cfg.metrics:
+            log.info("metrics on http://%s/metrics", _hostport(*cfg.metrics))
 
     def _log_totals(self) -> None:
         s = self.engine.stats()
@@ -132,7 +165,33 @@ class Tunnel:
                  "%d from %d receive batches", s["tun_rx_packets"], s["tun_batches"],
                  s["delivered"], s["duplicates"], s["too_old"], s["malformed"],
                  s["wrong_session"], s["unknown_source"],
-                 sum(p["rx_packets"] for p in self.engine.paths()), s["rx_batches"])
+                 sum(p["rx_packets"] for p in self.engine.paths()), s["rx_batches"],
+                 extra=_event("stopped", **s))
+
+    def _log_events(self) -> None:
+        """Say what changed: a peer (re)started, an endpoint learned or moved,
+        a path refused UDP GSO."""
+        stats = self.engine.stats()
+        if stats["session_changes"] != self._seen_sessions:
+            first = self._seen_sessions == 0
+            log.info("peer %s session %08x", "started" if first else "restarted: new",
+                     stats["peer_session"],
+                     extra=_event("peer_started" if first else "peer_restarted",
+                                  session=f"{stats['peer_session']:08x}"))
+            self._seen_sessions = stats["session_changes"]
+        for p in self.engine.paths():
+            i = p["path"]
+            if self.config.is_server and p["remote"] and p["remote"] != self._seen_remote.get(i):
+                log.info("path %d: peer endpoint %s", i, _hostport(*p["remote"]),
+                         extra=_event("endpoint_learned", path=i, remote=_hostport(*p["remote"])))
+            self._seen_remote[i] = p["remote"]
+            if self._gso and not p["udp_gso"] and i not in self._gso_refused:
+                log.warning("path %d: refused a UDP GSO train (%s); sending datagrams one "
+                            "by one on it", i, os.strerror(p["last_errno"]),
+                            extra=_event("gso_refused", path=i))
+                self._gso_refused.add(i)
+
+    # ------------------------------------------------------------------ loop
 
     def _loop(self) -> None:
         engine, interval = self.engine, self.config.probe_interval
@@ -141,15 +200,18 @@ class Tunnel:
         while not self.stopping:
             wait = max(0.0, min(next_probe, next_housekeeping) - time.monotonic())
             flags = engine.run(int(wait * 1000) + 1)
-            if flags & WAKE["fd"]:
-                _drain(self._wake_fd)
             if flags & WAKE["event"]:
                 self._log_events()
             for path, rx_ns, datagram in engine.take_control():
                 self._on_control(path, rx_ns, datagram)
+            if flags & WAKE["fd"]:
+                _drain(self._wake_fd)
+                self.status.serve(self.snapshot)
             now = time.monotonic()
             if now >= next_probe:
                 self._probe()
+                if self.config.metrics:  # what the scrape thread reads
+                    self.published = self.snapshot()
                 next_probe = max(next_probe + interval, now)
             if now >= next_housekeeping:
                 self._housekeeping(now)
@@ -158,35 +220,28 @@ class Tunnel:
     def _probe(self) -> None:
         engine = self.engine
         self.probe_seq += 1
+        now_ns = time.monotonic_ns()
+        for i, health in self.health.items():
+            if health.tick(now_ns):
+                log.warning("path %d down: no probe answered for %.1fs", i,
+                            (now_ns - health.last_answer_ns) / 1e9,
+                            extra=_event("path_down", path=i))
         for p in engine.paths():
             if p["active"]:
-                engine.send_control(p["path"], wire.probe(
-                    p["path"], engine.session, self.probe_seq, time.monotonic_ns()))
+                i = p["path"]
+                self.health.setdefault(i, self._new_health()).sent(self.probe_seq, now_ns)
+                engine.send_control(i, wire.probe(i, engine.session, self.probe_seq, now_ns))
 
     def _on_control(self, path: int, rx_ns: int, datagram: bytes) -> None:
         header = wire.unpack_header(datagram)
-        if header.type == wire.PacketType.PROBE_REPLY:
-            rtt_us = (rx_ns - wire.probe_timestamp(datagram)) / 1000
-            log.debug("path %d: probe %d answered in %.0f us", path, header.seq, rtt_us)
-
-    def _log_events(self) -> None:
-        """Say what changed: a peer (re)started, an endpoint learned or moved,
-        a path refused UDP GSO."""
-        stats = self.engine.stats()
-        if stats["session_changes"] != self._seen_sessions:
-            log.info("peer %s session %08x",
-                     "started" if self._seen_sessions == 0 else "restarted: new",
-                     stats["peer_session"])
-            self._seen_sessions = stats["session_changes"]
-        for p in self.engine.paths():
-            i = p["path"]
-            if self.config.is_server and p["remote"] and p["remote"] != self._seen_remote.get(i):
-                log.info("path %d: peer endpoint %s:%d", i, *p["remote"])
-            self._seen_remote[i] = p["remote"]
-            if self._gso and not p["udp_gso"] and i not in self._gso_refused:
-                log.warning("path %d: refused a UDP GSO train (%s); sending datagrams one "
-                            "by one on it", i, os.strerror(p["last_errno"]))
-                self._gso_refused.add(i)
+        health = self.health.get(path)
+        if header.type != wire.PacketType.PROBE_REPLY or health is None:
+            return
+        rtt_ns = rx_ns - wire.probe_timestamp(datagram)
+        log.debug("path %d: probe %d answered in %.0f us", path, header.seq, rtt_ns / 1000)
+        if health.answered(header.seq, rtt_ns, rx_ns):
+            log.info("path %d up: round trip %.3f ms", path, rtt_ns / 1e6,
+                     extra=_event("path_up", path=path, rtt_ms=round(rtt_ns / 1e6, 3)))
 
     def _housekeeping(self, now: float) -> None:
         engine, cfg = self.engine, self.config
@@ -196,12 +251,15 @@ class Tunnel:
             i = p["path"]
             if cfg.is_server and p["active"] and now_ns - p["last_rx_ns"] > cfg.timeout * 1e9:
                 engine.forget(i)
-                log.info("path %d: forgot %s:%d after %gs of silence", i, *p["remote"], cfg.timeout)
+                self.health.pop(i, None)
+                log.info("path %d: forgot %s after %gs of silence", i, _hostport(*p["remote"]),
+                         cfg.timeout, extra=_event("endpoint_forgotten", path=i))
                 self._seen_remote[i] = None
             errors = p["send_errors"] - self._seen_errors.get(i, 0)
             if summarise and errors:
                 log.warning("path %d: %d send errors in the last %gs (last: %s)", i, errors,
-                            ERROR_SUMMARY_INTERVAL, os.strerror(p["last_errno"]))
+                            ERROR_SUMMARY_INTERVAL, os.strerror(p["last_errno"]),
+                            extra=_event("send_errors", path=i, count=errors))
                 self._seen_errors[i] = p["send_errors"]
         if summarise:
             self._next_error_summary = now + ERROR_SUMMARY_INTERVAL
@@ -209,6 +267,44 @@ class Tunnel:
             for i, sock in enumerate(self.socks):
                 if not _is_connected(sock) and self._connect(i, retry=True):
                     log.info("path %d (%s): connected", i, cfg.paths[i])
+
+    # -------------------------------------------------------------- reports
+
+    def snapshot(self) -> dict:
+        """What `multitun status` and the metrics report."""
+        cfg, engine = self.config, self.engine
+        stats = engine.stats()
+        paths = []
+        for p in engine.paths():
+            i = p["path"]
+            if cfg.is_server:
+                if not p["active"]:
+                    continue
+                local = _hostport(str(cfg.server_listen), cfg.port)
+            else:
+                local = _hostport(*self.socks[i].getsockname()[:2])
+            health = self.health.get(i) or self._new_health()
+            paths.append({
+                "name": f"path{i}", "index": i, "local": local,
+                "remote": _hostport(*p["remote"]) if p["remote"] else None,
+                **health.as_dict(),
+                **{k: p[k] for k in ("tx_packets", "tx_bytes", "rx_packets", "rx_bytes",
+                                     "first_arrivals", "duplicates", "send_errors")},
+                "last_error": os.strerror(p["last_errno"]) if p["last_errno"] else None,
+                "udp_gso": p["udp_gso"],
+            })
+        tunnel_keys = ("tun_rx_packets", "tun_rx_bytes", "delivered", "delivered_bytes",
+                       "duplicates", "too_old", "malformed", "wrong_session", "unknown_source",
+                       "tun_write_errors", "send_dropped")
+        return {
+            "version": __version__, "role": "server" if cfg.is_server else "client",
+            "dev": self.dev, "pid": os.getpid(),
+            "uptime_s": round(time.monotonic() - self.started, 3),
+            "session": f"{stats['session']:08x}",
+            "peer_session": f"{stats['peer_session']:08x}" if stats["peer_session"] else None,
+            "tunnel": {k: stats[k] for k in tunnel_keys},
+            "paths": paths,
+        }
 
 
 @contextlib.contextmanager

@@ -1,0 +1,185 @@
+"""``multitun status``: ask a running instance how its paths are doing.
+
+Each instance listens on an abstract Unix socket named after its TUN device,
+``@multitun/<dev>`` (unix(7)). Abstract names belong to the network namespace,
+so instances in different namespaces never collide, and ``multitun status`` run
+in a namespace finds the instances of that namespace. Abstract sockets have no
+file permissions; the instance checks the caller's credentials (SO_PEERCRED)
+and answers only root or its own user.
+"""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import json
+import os
+import socket
+import struct
+import sys
+import time
+
+from .device import SetupError
+
+PREFIX = "multitun/"
+REPLY_TIMEOUT = 2.0
+
+
+def address(dev: str) -> bytes:
+    return b"\0" + (PREFIX + dev).encode()
+
+
+class StatusServer:
+    """The instance's end. ``serve()`` answers whoever is waiting, then returns:
+    it is called from the tunnel's loop when the listening socket is readable."""
+
+    def __init__(self, dev: str) -> None:
+        self.sock = socket.socket(socket.AF_UNIX,
+                                  socket.SOCK_STREAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
+        try:
+            self.sock.bind(address(dev))
+        except OSError as e:
+            self.sock.close()
+            if e.errno == errno.EADDRINUSE:
+                raise SetupError(f"another multitun instance in this network namespace "
+                                 f"reports status as {dev}") from None
+            raise
+        self.sock.listen(8)
+        self.owner = os.geteuid()
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+    def serve(self, snapshot) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except BlockingIOError:
+                return
+            with conn:
+                conn.settimeout(0.5)  # never let a caller stall the tunnel for long
+                creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
+                                        struct.calcsize("3i"))
+                uid = struct.unpack("3i", creds)[1]
+                if uid in (0, self.owner):
+                    reply = snapshot()
+                else:
+                    reply = {"error": "permission denied: only root or the instance's "
+                                      "owner may ask for its status"}
+                try:
+                    conn.sendall(json.dumps(reply).encode())
+                except OSError:
+                    pass
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+class StatusError(Exception):
+    pass
+
+
+def instances() -> list[str]:
+    """Devices of the instances listening in this network namespace."""
+    found = []
+    with open("/proc/net/unix") as f:
+        next(f)
+        for line in f:
+            fields = line.split()
+            # Path is the 8th field; state 01 (unconnected) marks a listener.
+            if len(fields) >= 8 and fields[7].startswith("@" + PREFIX) and fields[5] == "01":
+                found.append(fields[7][len(PREFIX) + 1:])
+    return sorted(set(found))
+
+
+def query(dev: str | None = None) -> dict:
+    if dev is None:
+        running = instances()
+        if not running:
+            raise StatusError("no multitun instance is running in this network namespace")
+        if len(running) > 1:
+            raise StatusError(f"several instances are running ({', '.join(running)}); "
+                              f"choose one with --dev")
+        dev = running[0]
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(REPLY_TIMEOUT)
+        try:
+            s.connect(address(dev))
+        except OSError:
+            raise StatusError(f"no multitun instance with device {dev} in this "
+                              f"network namespace") from None
+        chunks = []
+        while chunk := s.recv(65536):
+            chunks.append(chunk)
+    reply = json.loads(b"".join(chunks))
+    if "error" in reply:
+        raise StatusError(reply["error"])
+    return reply
+
+
+def _num(value: float | None, fmt: str) -> str:
+    return "-" if value is None else format(value, fmt)
+
+
+def _duration(seconds: float) -> str:
+    s = int(seconds)
+    return f"{s // 3600}h{s % 3600 // 60:02d}m{s % 60:02d}s" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
+
+
+def render(st: dict) -> str:
+    t = st["tunnel"]
+    lines = [
+        f"multitun {st['role']} on {st['dev']} (pid {st['pid']}), up {_duration(st['uptime_s'])}, "
+        f"session {st['session']}, peer {st['peer_session'] or 'not seen yet'}",
+        "",
+        f"{'path':6} {'state':5} {'local':>22} {'remote':>22} {'rtt ms':>8} {'min':>7} "
+        f"{'jitter':>7} {'loss%':>6} {'tx pkts':>10} {'rx pkts':>10} {'first':>10} "
+        f"{'dups':>10} {'errors':>7}",
+    ]
+    for p in st["paths"]:
+        lines.append(
+            f"{p['name']:6} {p['state']:5} {p['local'] or '-':>22} {p['remote'] or '-':>22} "
+            f"{_num(p['rtt_ms'], '.3f'):>8} {_num(p['rtt_min_ms'], '.3f'):>7} "
+            f"{_num(p['jitter_ms'], '.3f'):>7} {_num(p['loss_pct'], '.1f'):>6} "
+            f"{p['tx_packets']:>10} {p['rx_packets']:>10} {p['first_arrivals']:>10} "
+            f"{p['duplicates']:>10} {p['send_errors']:>7}")
+    lines += [
+        "",
+        f"tunnel: {t['delivered']} packets delivered ({t['delivered_bytes']} bytes), "
+        f"{t['tun_rx_packets']} sent; dropped: {t['duplicates']} duplicates, "
+        f"{t['too_old']} too old, {t['malformed']} malformed, {t['wrong_session']} wrong "
+        f"session, {t['unknown_source']} unknown source",
+    ]
+    return "\n".join(lines)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="multitun status",
+        description="Show the paths and counters of a multitun instance running in this "
+                    "network namespace (needs root or the instance's user).")
+    p.add_argument("--dev", metavar="NAME",
+                   help="the instance's TUN device (needed when several run here)")
+    p.add_argument("--json", action="store_true", help="print a JSON object")
+    p.add_argument("--watch", nargs="?", const=1.0, type=float, metavar="SECONDS",
+                   help="refresh every SECONDS (default 1) until Ctrl-C")
+    return p
+
+
+def main(argv: list[str]) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        while True:
+            st = query(args.dev)
+            out = json.dumps(st, indent=2) if args.json else render(st)
+            if args.watch:
+                print("\033[H\033[2J" + out, flush=True)  # home, clear screen
+                time.sleep(args.watch)
+            else:
+                print(out)
+                return 0
+    except StatusError as e:
+        print(f"multitun status: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 0

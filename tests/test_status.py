@@ -1,0 +1,161 @@
+"""`multitun status`, metrics and logs of a real tunnel."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from multitun import status
+from multitun.lab import TUN_SERVER, TunnelPair, tcp_transfer
+
+from .conftest import requires_root
+
+pytestmark = [requires_root, pytest.mark.netns]
+
+
+def run_status(bed, ns, *args):
+    proc = subprocess.run(bed.command(ns, [sys.executable, "-m", "multitun", "status", *args]),
+                          capture_output=True, text=True, timeout=30)
+    return proc
+
+
+def status_json(bed, ns):
+    proc = run_status(bed, ns, "--json")
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout)
+
+
+def wait_states(bed, ns, want, timeout=3.0):
+    """Poll status until the paths' states are ``want``; the seconds it took."""
+    start = time.monotonic()
+    while True:
+        st = status_json(bed, ns)
+        states = {p["name"]: p["state"] for p in st["paths"]}
+        if states == want:
+            return time.monotonic() - start, st
+        if time.monotonic() - start > timeout:
+            raise AssertionError(f"after {timeout}s: {states}, wanted {want}")
+        time.sleep(0.1)
+
+
+def test_paths_up_down_up_and_counters(tunnel):
+    bed = tunnel.bed
+    _, st = wait_states(bed, bed.client, {"path0": "up", "path1": "up"})
+    for p in st["paths"]:
+        assert p["rtt_ms"] > 0 and p["rtt_min_ms"] > 0 and p["loss_pct"] is not None
+        assert {"local", "remote", "tx_packets", "rx_packets", "first_arrivals"} <= p.keys()
+    before = st
+    result = tcp_transfer(bed, bed.server, bed.client, "10.42.42.2", data=os.urandom(4 << 20))
+    assert result.received_sha256 == result.sent_sha256
+    after = status_json(bed, bed.client)
+    for b, a in zip(before["paths"], after["paths"]):
+        assert a["rx_packets"] > b["rx_packets"] + 1000
+        assert a["tx_packets"] > b["tx_packets"]
+    t = after["tunnel"]
+    assert t["delivered"] >= before["tunnel"]["delivered"] + 2800  # 4 MiB in 1416-byte segments
+    assert sum(p["first_arrivals"] for p in after["paths"]) == t["delivered"]
+
+    bed.set_link(bed.client, "c0", up=False)
+    took, _ = wait_states(bed, bed.client, {"path0": "down", "path1": "up"})
+    assert took < 3
+    bed.set_link(bed.client, "c0", up=True)
+    took, _ = wait_states(bed, bed.client, {"path0": "up", "path1": "up"})
+    assert took < 3
+    log = tunnel.logs("client")
+    assert "path 0 down: no probe answered" in log and log.count("path 0 up") == 2
+
+
+def test_server_sees_the_same_paths(tunnel):
+    bed = tunnel.bed
+    _, st = wait_states(bed, bed.server, {"path0": "up", "path1": "up"})
+    assert st["role"] == "server"
+    assert [p["remote"].split(":")[0] for p in st["paths"]] == ["192.0.2.2", "198.51.100.2"]
+
+
+def test_two_instances_in_two_namespaces_answer_separately(tunnel):
+    bed = tunnel.bed
+    client, server = status_json(bed, bed.client), status_json(bed, bed.server)
+    assert (client["role"], server["role"]) == ("client", "server")
+    assert client["pid"] == tunnel.client.pid and server["pid"] == tunnel.server.pid
+    assert client["session"] == server["peer_session"]
+    assert server["session"] == client["peer_session"]
+    assert client["dev"] == server["dev"] == "multitun0"  # same name, no collision
+
+
+def test_table(tunnel):
+    bed = tunnel.bed
+    wait_states(bed, bed.client, {"path0": "up", "path1": "up"})
+    proc = run_status(bed, bed.client)
+    assert proc.returncode == 0
+    lines = proc.stdout.splitlines()
+    assert lines[0].startswith("multitun client on multitun0")
+    assert any(line.startswith("path0  up") for line in lines)
+    assert any(line.startswith("tunnel: ") for line in lines)
+
+
+def test_no_instance_here_is_a_one_line_error(bed):
+    proc = run_status(bed, bed.client)
+    assert proc.returncode == 2
+    assert proc.stderr == "multitun status: error: no multitun instance is running in this network namespace\n"
+
+
+def test_only_root_or_the_owner_may_ask(tunnel):
+    # A process of another user in the same namespace is refused.
+    path = status.address("multitun0")
+    r, w = os.pipe()
+    sock = tunnel.bed.socket(tunnel.bed.client, socket.AF_UNIX, socket.SOCK_STREAM)
+    pid = os.fork()
+    if pid == 0:  # child: become nobody, then ask
+        try:
+            os.setgid(65534)
+            os.setuid(65534)
+            sock.connect(path)
+            reply = sock.recv(65536)
+            os.write(w, reply)
+        finally:
+            os._exit(0)
+    os.close(w)
+    os.waitpid(pid, 0)
+    reply = json.loads(os.read(r, 65536))
+    sock.close()
+    os.close(r)
+    assert reply == {"error": "permission denied: only root or the instance's owner may ask "
+                              "for its status"}
+
+
+def test_metrics_scraped_and_parsed(bed, tmp_path):
+    with TunnelPair(bed, tmp_path, client_extra=("--metrics", "127.0.0.1:9105")) as pair:
+        pair.wait_carrying()
+        tcp_transfer(bed, bed.client, bed.server, TUN_SERVER, data=os.urandom(1 << 20))
+        time.sleep(0.5)
+        fetch = [sys.executable, "-c", "import urllib.request, sys; sys.stdout.write("
+                 "urllib.request.urlopen('http://127.0.0.1:9105/metrics').read().decode())"]
+        text = subprocess.run(bed.command(bed.client, fetch), capture_output=True, text=True,
+                              check=True).stdout
+        families = {f.name: f for f in text_string_to_metric_families(text)}
+        up = {s.labels["path"]: s.value for s in families["multitun_path_up"].samples}
+        assert up == {"path0": 1.0, "path1": 1.0}
+        rtts = [s.value for s in families["multitun_path_rtt_seconds"].samples]
+        assert len(rtts) == 2 and all(0 < r < 0.1 for r in rtts)
+        sent = sum(s.value for s in families["multitun_path_tx_packets"].samples
+                   if s.name.endswith("_total"))
+        assert sent > 700  # 1 MiB through the tunnel, on two paths
+        delivered = families["multitun_delivered"].samples[0].value
+        firsts = sum(s.value for s in families["multitun_path_first_arrivals"].samples
+                     if s.name.endswith("_total"))
+        assert delivered == firsts > 0
+
+
+def test_json_log_lines(bed, tmp_path):
+    with TunnelPair(bed, tmp_path, server_extra=("--log-format", "json")) as pair:
+        pair.wait_carrying()
+        pair.wait_log("server", '"event": "path_up"')
+    records = [json.loads(line) for line in pair.logs("server").splitlines()]
+    events = {r.get("event") for r in records}
+    assert {"peer_started", "endpoint_learned", "path_up", "stopped"} <= events
+    assert all({"time", "level", "pid", "message"} <= r.keys() for r in records)
