@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+import json
+import math
 import os
 import select
 import signal
@@ -21,10 +23,14 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from pyroute2 import IPRoute, netns
+from pyroute2.ethtool import Ethtool
+
+from .emulator import Impairment
 
 PATH_NETS = ("192.0.2", "198.51.100", "203.0.113")
 _serial = itertools.count()
@@ -43,18 +49,32 @@ class BedPath:
 
 class Bed:
     """``with Bed(2) as bed:`` two namespaces, ``bed.client`` and ``bed.server``,
-    joined by two paths (``bed.paths``)."""
+    joined by two paths (``bed.paths``).
 
-    def __init__(self, npaths: int = 2) -> None:
+    ``emulate`` gives, per path, None (a plain veth pair) or the impairments of
+    its two directions, (client to server, server to client). Emulated paths run
+    through a third namespace, ``bed.mid``, where multitun.emulator bridges them.
+    """
+
+    def __init__(self, npaths: int = 2,
+                 emulate: list[tuple[Impairment, Impairment] | None] | None = None,
+                 seed: int | None = None) -> None:
         if not 1 <= npaths <= len(PATH_NETS):
             raise ValueError(f"a bed has 1..{len(PATH_NETS)} paths")
+        self.emulate = list(emulate) if emulate else [None] * npaths
+        if len(self.emulate) != npaths:
+            raise ValueError("give one emulation (or None) per path")
         tag = f"{os.getpid() % 100000}x{next(_serial)}"
         self.client, self.server = f"mtc{tag}", f"mts{tag}"
+        self.mid = f"mtm{tag}" if any(self.emulate) else None
         self.paths = [
             BedPath(i, f"c{i}", f"s{i}", f"{net}.2", f"{net}.1",
                     f"2001:db8:{i}::2", f"2001:db8:{i}::1")
             for i, net in enumerate(PATH_NETS[:npaths])
         ]
+        self.seed = seed
+        self.emulator: subprocess.Popen | None = None
+        self.emulator_start_ns = 0
         self._tag = tag
         self._made: list[str] = []
 
@@ -69,32 +89,61 @@ class Bed:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    def _wire(self, ns_a: str, name_a: str, ns_b: str, name_b: str) -> None:
+        """A veth pair with end ``name_a`` in ``ns_a`` and ``name_b`` in ``ns_b``."""
+        tmp_a, tmp_b = f"mt{self._tag}{name_a}", f"mt{self._tag}{name_b}"
+        with IPRoute() as ipr:
+            ipr.link("add", ifname=tmp_a, kind="veth", peer=tmp_b)
+            ipr.link("set", index=ipr.link_lookup(ifname=tmp_a)[0], net_ns_fd=ns_a)
+            ipr.link("set", index=ipr.link_lookup(ifname=tmp_b)[0], net_ns_fd=ns_b)
+        for ns, tmp, name in ((ns_a, tmp_a, name_a), (ns_b, tmp_b, name_b)):
+            with IPRoute(netns=ns) as ipr:
+                index = ipr.link_lookup(ifname=tmp)[0]
+                ipr.link("set", index=index, ifname=name, state="up")
+
     def _build(self) -> None:
-        for ns in (self.client, self.server):
+        for ns in filter(None, (self.client, self.server, self.mid)):
             netns.create(ns)
             self._made.append(ns)
-        with IPRoute() as ipr:
-            for p in self.paths:
-                # Unique names in the root namespace; renamed once moved.
-                a, b = f"mt{self._tag}a{p.index}", f"mt{self._tag}b{p.index}"
-                ipr.link("add", ifname=a, kind="veth", peer=b)
-                ipr.link("set", index=ipr.link_lookup(ifname=a)[0], net_ns_fd=self.client)
-                ipr.link("set", index=ipr.link_lookup(ifname=b)[0], net_ns_fd=self.server)
-        for ns, side in ((self.client, "client"), (self.server, "server")):
             with IPRoute(netns=ns) as ipr:
                 ipr.link("set", index=ipr.link_lookup(ifname="lo")[0], state="up")
+        links = []
+        for p, emulation in zip(self.paths, self.emulate):
+            if emulation is None:
+                self._wire(self.client, p.client_if, self.server, p.server_if)
+                continue
+            # client c<i> - a<i> [emulator] b<i> - s<i> server
+            a, b = f"a{p.index}", f"b{p.index}"
+            self._wire(self.client, p.client_if, self.mid, a)
+            self._wire(self.mid, b, self.server, p.server_if)
+            for ns, ifname in ((self.client, p.client_if), (self.mid, a),
+                               (self.mid, b), (self.server, p.server_if)):
+                _wire_sized_frames(ns, ifname)
+            links.append({"a": a, "b": b, "ab": emulation[0].to_json(),
+                          "ba": emulation[1].to_json()})
+        for ns, side in ((self.client, "client"), (self.server, "server")):
+            with IPRoute(netns=ns) as ipr:
                 for p in self.paths:
-                    old = f"mt{self._tag}{'a' if side == 'client' else 'b'}{p.index}"
-                    new = getattr(p, f"{side}_if")
-                    index = ipr.link_lookup(ifname=old)[0]
-                    ipr.link("set", index=index, ifname=new)
+                    index = ipr.link_lookup(ifname=getattr(p, f"{side}_if"))[0]
                     ipr.addr("add", index=index, address=getattr(p, f"{side}_ip"), prefixlen=24)
                     ipr.addr("add", index=index, address=getattr(p, f"{side}_ip6"),
                              prefixlen=64, flags=0x02)  # IFA_F_NODAD: usable at once
-                    ipr.link("set", index=index, state="up")
+        if links:
+            config = json.dumps({"seed": self.seed, "links": links})
+            self.emulator = self.popen(self.mid, [sys.executable, "-m", "multitun.emulator",
+                                                  config], stdout=subprocess.PIPE,
+                                       env=_same_package_env())
+            ready = json.loads(self.emulator.stdout.readline() or "{}")
+            if not ready.get("ready"):
+                raise RuntimeError("the path emulator did not start")
+            self.emulator_start_ns = ready["start_ns"]
 
     def close(self) -> None:
         """Remove the namespaces (their veths go with them) and whatever ran there."""
+        if self.emulator is not None:
+            _end(self.emulator, signal.SIGTERM)
+            self.emulator.stdout.close()
+            self.emulator = None
         for ns in self._made:
             for pid in netns.ns_pids().get(ns, ()):
                 try:
@@ -122,12 +171,9 @@ class Bed:
         return subprocess.Popen(self.command(ns, argv), **kw)
 
     def multitun(self, ns: str, args: list[str], **kw: object) -> subprocess.Popen:
-        """Start ``python -m multitun ARGS`` in ``ns``, running the very package
-        this process imported (installed or a source tree), whatever the cwd."""
-        here = str(Path(__file__).resolve().parent.parent)
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join(
-            filter(None, [here, os.environ.get("PYTHONPATH")]))}
-        return self.popen(ns, [sys.executable, "-m", "multitun", *args], env=env, **kw)
+        """Start ``python -m multitun ARGS`` in ``ns``."""
+        return self.popen(ns, [sys.executable, "-m", "multitun", *args],
+                          env=_same_package_env(), **kw)
 
     def set_link(self, ns: str, ifname: str, up: bool) -> None:
         with IPRoute(netns=ns) as ipr:
@@ -144,6 +190,36 @@ class Bed:
         if v6:
             return ",".join(f"[{p.client_ip6}]:[{p.server_ip6}]" for p in self.paths)
         return ",".join(f"{p.client_ip}:{p.server_ip}" for p in self.paths)
+
+
+def _same_package_env() -> dict:
+    """An environment in which ``python -m multitun...`` runs the very package
+    this process imported (installed or a source tree), whatever the cwd."""
+    here = str(Path(__file__).resolve().parent.parent)
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(
+        filter(None, [here, os.environ.get("PYTHONPATH")]))}
+
+
+def _wire_sized_frames(ns: str, ifname: str) -> None:
+    """Turn off segmentation and receive offloads (ethtool -K) so that every
+    frame the emulator sees is one packet on the wire (loss, rate and delay
+    then apply per packet, as on a real link), and checksum offload, so that
+    checksums are filled in before the emulator copies the frame (a veth
+    otherwise leaves them to the receiving end, CHECKSUM_PARTIAL)."""
+    netns.pushns(ns)
+    try:
+        ethtool = Ethtool()
+        try:
+            features = ethtool.get_features(ifname)
+            for name, feature in features.features.items():
+                if ("segmentation" in name or "receive-offload" in name
+                        or name.startswith("tx-checksum")):
+                    feature.enable = False
+            ethtool.set_features(ifname, features)
+        finally:
+            ethtool.close()
+    finally:
+        netns.popns()
 
 
 # ---------------------------------------------------------------- the tunnel
@@ -343,6 +419,87 @@ def udp_stream(bed: Bed, src_ns: str, dst_ns: str, dst: str, rate: float, count:
             tx.sendto(struct.pack("!I", i).ljust(100, b"."), (dst, port))
         catcher.join()
     return received
+
+
+def latency_probe(bed: Bed, targets: dict[str, tuple[str, str]], rate: float,
+                  duration: float, port: int = 9003,
+                  progress: Callable[[dict[str, list[float | None]]], None] | None = None,
+                  ) -> dict[str, list[float | None]]:
+    """Timestamped datagrams from the client namespace to the server namespace,
+    to every target at once (so all see the same conditions), ``rate`` per
+    second each, for ``duration`` seconds.
+
+    ``targets`` maps a name to (source address, destination address): a bare
+    path is its two ends, the tunnel its two TUN addresses. Returns, per name,
+    the one-way delay in ms of datagram i, or None if it never came. Both
+    namespaces read the same CLOCK_MONOTONIC, so one-way delay is exact.
+    ``progress`` is called about once a second with the results so far.
+    """
+    count = int(rate * duration)
+    results = {name: [None] * count for name in targets}
+    header = struct.Struct("!IQ")
+    receivers, senders = {}, {}
+    try:
+        for name, (src, dst) in targets.items():
+            rx = bed.socket(bed.server, _family(dst))
+            rx.bind((dst, port))
+            rx.setsockopt(socket.SOL_SOCKET, 33, 4 << 20)  # socket(7) SO_RCVBUFFORCE
+            receivers[rx] = name
+            tx = bed.socket(bed.client, _family(src))
+            tx.bind((src, 0))
+            senders[name] = (tx, (dst, port))
+        stop = threading.Event()
+
+        def receive() -> None:
+            while not stop.is_set():
+                for rx in select.select(list(receivers), [], [], 0.1)[0]:
+                    data = rx.recv(2048)
+                    seq, sent = header.unpack_from(data)
+                    if seq < count:
+                        results[receivers[rx]][seq] = (time.monotonic_ns() - sent) / 1e6
+
+        catcher = threading.Thread(target=receive, daemon=True)
+        catcher.start()
+        start = time.monotonic()
+        next_progress = start + 1
+        for seq in range(count):
+            delay = start + seq / rate - time.monotonic()
+            if delay > 0:
+                time.sleep(delay)
+            for tx, dst in senders.values():
+                try:
+                    tx.sendto(header.pack(seq, time.monotonic_ns()).ljust(64, b"."), dst)
+                except OSError:
+                    pass  # a path without a route is a lost datagram
+            if progress and time.monotonic() >= next_progress:
+                progress(results)
+                next_progress += 1
+        time.sleep(1.0)  # the last ones may still be on their way
+        stop.set()
+        catcher.join()
+    finally:
+        for sock in [*receivers, *(tx for tx, _ in senders.values())]:
+            sock.close()
+    return results
+
+
+def percentile(values: list[float], q: float) -> float:
+    """The q-th percentile (0..100) of a non-empty list, nearest rank."""
+    ordered = sorted(values)
+    return ordered[max(0, math.ceil(round(q / 100 * len(ordered), 9)) - 1)]
+
+
+def summarise(latencies: list[float | None]) -> dict:
+    """p50/p90/p99/p99.9, jitter (mean difference of successive delays) and
+    loss of one target's probe results."""
+    got = [v for v in latencies if v is not None]
+    out: dict = {"sent": len(latencies), "received": len(got),
+                 "loss_pct": round(100 * (1 - len(got) / len(latencies)), 3) if latencies else None}
+    if got:
+        out.update({f"p{str(q).replace('.', '_')}_ms": round(percentile(got, q), 3)
+                    for q in (50, 90, 99, 99.9)})
+        out["jitter_ms"] = round(sum(abs(a - b) for a, b in zip(got, got[1:])) / max(1, len(got) - 1), 3)
+    return out
 
 
 @dataclass
