@@ -80,9 +80,13 @@ class PathHealth:
 
     @property
     def loss_pct(self) -> float | None:
-        if not self._outcomes:
+        # An answered probe is settled for good the moment it is answered; an
+        # unanswered one only once it is LOST_AFTER_INTERVALS old.
+        answered = sum(1 for _, ok in self._pending.values() if ok)
+        known = len(self._outcomes) + answered
+        if not known:
             return None
-        return 100.0 * self._outcomes.count(False) / len(self._outcomes)
+        return 100.0 * self._outcomes.count(False) / known
 
     def as_dict(self) -> dict:
         ms = lambda ns: None if ns is None else round(ns / 1e6, 3)  # noqa: E731

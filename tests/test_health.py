@@ -56,4 +56,8 @@ def test_loss_over_the_recent_window():
 
 
 def test_no_loss_figure_before_any_outcome():
-    assert health().as_dict()["loss_pct"] is None
+    h = health()
+    h.sent(1, 0)
+    assert h.as_dict()["loss_pct"] is None
+    h.answered(1, MS, MS)  # known at once, before any tick
+    assert h.as_dict()["loss_pct"] == 0
