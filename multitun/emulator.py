@@ -6,9 +6,12 @@ their addresses, ARP and neighbour discovery, and see one plain link. Each
 direction of each path has its own impairments:
 
 - ``delay``: fixed one-way delay;
-- ``jitter``: a normal deviation from it with this standard deviation, cut at
-  zero. Frames keep their order (a frame never leaves before the one ahead of
-  it, as on a real link) unless ``reorder`` is set;
+- ``jitter``: a deviation from it, normal with this standard deviation and
+  correlated in time (an Ornstein-Uhlenbeck process with a correlation time of
+  ``jitter_tau_ms``, 20 ms by default): frames sent close together see close
+  delays, as behind a real queue, instead of independent draws. The delay is
+  cut at zero. Frames keep their order (a frame never leaves before the one
+  ahead of it, as on a real link) unless ``reorder`` is set;
 - ``loss``: random loss, each frame on its own;
 - ``burst``: Gilbert-Elliott burst loss: ``p`` is the chance per frame of going
   from the good state to the bad one, ``r`` of coming back; every frame in the
@@ -29,6 +32,7 @@ from __future__ import annotations
 import collections
 import heapq
 import json
+import math
 import random
 import select
 import signal
@@ -53,6 +57,7 @@ SLACK_NS = MS // 2
 class Impairment:
     delay_ms: float = 0.0
     jitter_ms: float = 0.0
+    jitter_tau_ms: float = 20.0
     loss_pct: float = 0.0
     burst: tuple[float, float] | None = None   # Gilbert-Elliott (p, r)
     rate_bps: float | None = None
@@ -61,7 +66,8 @@ class Impairment:
     reorder: bool = False
 
     def __post_init__(self) -> None:
-        if self.delay_ms < 0 or self.jitter_ms < 0 or not 0 <= self.loss_pct <= 100:
+        if (self.delay_ms < 0 or self.jitter_ms < 0 or self.jitter_tau_ms <= 0
+                or not 0 <= self.loss_pct <= 100):
             raise ValueError(f"impossible impairment: {self}")
         if self.burst and not all(0 <= x <= 1 for x in self.burst):
             raise ValueError("burst probabilities must be within 0..1")
@@ -92,6 +98,8 @@ class Direction:
     rng: random.Random
     start_ns: int
     bad: bool = False
+    wander: float | None = None        # the jitter process's deviation now, ms
+    last_arrival: int = 0
     last_release: int = 0
     link_free: int = 0                 # when the bottleneck has sent what it holds
     queue: collections.deque = field(default_factory=collections.deque)
@@ -120,12 +128,26 @@ class Direction:
             ready = self.link_free
         delay = imp.delay_ms
         if imp.jitter_ms:
-            delay = max(0.0, self.rng.gauss(delay, imp.jitter_ms))
+            delay = max(0.0, delay + self._wander(now))
         release = ready + int(delay * MS)
         if not imp.reorder:
             release = max(release, self.last_release)
         self.last_release = release
         return release
+
+    def _wander(self, now: int) -> float:
+        """Step the Ornstein-Uhlenbeck process to ``now``: it keeps a normal
+        distribution of deviation jitter_ms, and frames dt apart are
+        correlated by exp(-dt / tau)."""
+        imp = self.imp
+        if self.wander is None:
+            self.wander = self.rng.gauss(0.0, imp.jitter_ms)
+        else:
+            rho = math.exp(-(now - self.last_arrival) / (imp.jitter_tau_ms * MS))
+            self.wander = (self.wander * rho
+                           + imp.jitter_ms * math.sqrt(1 - rho * rho) * self.rng.gauss(0.0, 1.0))
+        self.last_arrival = now
+        return self.wander
 
     def push(self, frame: bytes, release: int) -> None:
         if self.imp.reorder:

@@ -483,22 +483,33 @@ def latency_probe(bed: Bed, targets: dict[str, tuple[str, str]], rate: float,
     return results
 
 
-def percentile(values: list[float], q: float) -> float:
-    """The q-th percentile (0..100) of a non-empty list, nearest rank."""
-    ordered = sorted(values)
-    return ordered[max(0, math.ceil(round(q / 100 * len(ordered), 9)) - 1)]
+def percentile(values: list[float], q: float, population: int | None = None) -> float | None:
+    """The q-th percentile (0..100), nearest rank, of ``population`` samples of
+    which ``values`` are the ones that exist (the others never happened: lost
+    datagrams). None when the rank falls among those."""
+    n = len(values) if population is None else population
+    rank = max(1, math.ceil(round(q / 100 * n, 9)))
+    return sorted(values)[rank - 1] if rank <= len(values) else None
+
+
+PERCENTILES = (50, 90, 99, 99.9)
 
 
 def summarise(latencies: list[float | None]) -> dict:
-    """p50/p90/p99/p99.9, jitter (mean difference of successive delays) and
-    loss of one target's probe results."""
+    """One target's probe results. ``pN_ms``: N% of the datagrams *sent* arrived
+    within this delay, a lost one counting as never arriving (None: more than
+    100-N% were lost). ``delivered``: the same percentiles of the datagrams
+    that arrived. ``jitter_ms``: mean difference of successive delays."""
     got = [v for v in latencies if v is not None]
     out: dict = {"sent": len(latencies), "received": len(got),
                  "loss_pct": round(100 * (1 - len(got) / len(latencies)), 3) if latencies else None}
-    if got:
-        out.update({f"p{str(q).replace('.', '_')}_ms": round(percentile(got, q), 3)
-                    for q in (50, 90, 99, 99.9)})
-        out["jitter_ms"] = round(sum(abs(a - b) for a, b in zip(got, got[1:])) / max(1, len(got) - 1), 3)
+    name = {q: f"p{str(q).replace('.', '_')}_ms" for q in PERCENTILES}
+    for q in PERCENTILES:
+        v = percentile(got, q, len(latencies)) if got else None
+        out[name[q]] = None if v is None else round(v, 3)
+    out["delivered"] = {name[q]: round(percentile(got, q), 3) for q in PERCENTILES} if got else {}
+    out["jitter_ms"] = (round(sum(abs(a - b) for a, b in zip(got, got[1:])) / (len(got) - 1), 3)
+                        if len(got) > 1 else None)
     return out
 
 

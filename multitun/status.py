@@ -92,7 +92,10 @@ def instances() -> list[str]:
     return sorted(set(found))
 
 
-def query(dev: str | None = None) -> dict:
+def query(dev: str | None = None, sock: socket.socket | None = None) -> dict:
+    """The status of the instance with TUN device ``dev`` (or the only one).
+    ``sock``: an AF_UNIX stream socket made in another network namespace, to
+    ask an instance there (abstract names are looked up in the socket's own)."""
     if dev is None:
         running = instances()
         if not running:
@@ -101,7 +104,7 @@ def query(dev: str | None = None) -> dict:
             raise StatusError(f"several instances are running ({', '.join(running)}); "
                               f"choose one with --dev")
         dev = running[0]
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+    with sock or socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
         s.settimeout(REPLY_TIMEOUT)
         try:
             s.connect(address(dev))
