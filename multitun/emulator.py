@@ -21,6 +21,10 @@ direction of each path has its own impairments:
 - ``outages``: ``[[start, end], ...]`` seconds after the emulator started, during
   which every frame is lost.
 
+Impairments apply to IP packets. ARP frames pass untouched: the links emulated
+are WAN paths (a modem, an ISP line), which have no ARP to lose, and a lost ARP
+exchange would hold a link's packets back for a second, which no such path does.
+
 Timers have the resolution of epoll_wait(2): a frame leaves within half a
 millisecond of its time.
 
@@ -46,6 +50,7 @@ ETH_P_ALL = 0x0003
 SOL_PACKET = 263
 PACKET_IGNORE_OUTGOING = 23
 SO_RCVBUFFORCE = 33
+ETHERTYPE_ARP = b"\x08\x06"
 MS = 1_000_000
 # epoll_wait(2) counts in whole milliseconds and Python rounds the wait up, so a
 # timer fires 0..1 ms late; releasing what is due within half a millisecond
@@ -226,7 +231,7 @@ def run(config: dict) -> None:
                     n = sock.recv_into(buf)
                 except BlockingIOError:
                     break
-                if passthrough:  # nothing to decide or wait for: straight through
+                if passthrough or view[12:14] == ETHERTYPE_ARP:  # straight through
                     direction.send(view[:n])
                     continue
                 frame = bytes(view[:n])

@@ -233,12 +233,17 @@ class TunnelPair:
     their logs in ``logdir``. ``stop()`` (or leaving the ``with``) ends both."""
 
     def __init__(self, bed: Bed, logdir: Path, port: int = 5678,
-                 server_extra: tuple[str, ...] = (), client_extra: tuple[str, ...] = ()) -> None:
-        self.bed, self.logdir, self.port = bed, Path(logdir), port
-        self.server_args = ["-l", TUN_SERVER, "-l", f"{TUN_SERVER6}/64", "-s", "0.0.0.0",
-                            "-p", str(port), *server_extra]
-        self.client_args = ["-l", TUN_CLIENT, "-l", f"{TUN_CLIENT6}/64",
-                            "-c", bed.client_endpoints(), "-p", str(port), *client_extra]
+                 server_extra: tuple[str, ...] = (), client_extra: tuple[str, ...] = (),
+                 command: list[str] | None = None) -> None:
+        """``command``: run this program instead of multitun, with the original
+        C++ tool's flags only (-l, -s, -c, -p), to compare tunnels on one bed."""
+        self.bed, self.logdir, self.port, self.command = bed, Path(logdir), port, command
+        ipv6 = () if command else ("-l", f"{TUN_SERVER6}/64")
+        self.server_args = ["-l", TUN_SERVER, *ipv6, "-s", "0.0.0.0", "-p", str(port),
+                            *server_extra]
+        ipv6 = () if command else ("-l", f"{TUN_CLIENT6}/64")
+        self.client_args = ["-l", TUN_CLIENT, *ipv6, "-c", bed.client_endpoints(),
+                            "-p", str(port), *client_extra]
         self.server: subprocess.Popen | None = None
         self.client: subprocess.Popen | None = None
         self._starts = itertools.count()
@@ -256,6 +261,9 @@ class TunnelPair:
         args = self.server_args if side == "server" else self.client_args
         log = open(self.logdir / f"{side}.{next(self._starts)}.log", "wb")
         with log:
+            if self.command:
+                return self.bed.popen(ns, [*self.command, *args], stdout=log,
+                                      stderr=subprocess.STDOUT)
             return self.bed.multitun(ns, args, stdout=log, stderr=subprocess.STDOUT)
 
     def start_server(self) -> None:
@@ -511,6 +519,63 @@ def summarise(latencies: list[float | None]) -> dict:
     out["jitter_ms"] = (round(sum(abs(a - b) for a, b in zip(got, got[1:])) / (len(got) - 1), 3)
                         if len(got) > 1 else None)
     return out
+
+
+_FLOOD_RECEIVER = """
+import select, socket, sys, time
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.setsockopt(socket.SOL_SOCKET, 33, 32 << 20)
+s.bind((sys.argv[1], int(sys.argv[2])))
+print("ready", flush=True)
+n, first, last = 0, None, None
+while select.select([s], [], [], 1.0)[0]:
+    while True:
+        try:
+            s.recv(65536, socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            break
+        last = time.monotonic()
+        first = first or last
+        n += 1
+print(n, (last - first) if n > 1 else 0, flush=True)
+"""
+
+_FLOOD_SENDER = """
+import socket, sys, time
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+dst, size, seconds = (sys.argv[1], int(sys.argv[2])), int(sys.argv[3]), float(sys.argv[4])
+payload, n, end = bytes(size), 0, time.monotonic() + seconds
+while time.monotonic() < end:
+    for _ in range(1000):
+        try:
+            s.sendto(payload, dst)
+            n += 1
+        except OSError:
+            pass
+print(n, flush=True)
+"""
+
+
+def udp_flood(bed: Bed, src_ns: str, dst_ns: str, dst: str, size: int,
+              seconds: float = 3.0, port: int = 9004) -> dict:
+    """Datagrams of ``size`` bytes as fast as one sender process can send them;
+    packets per second sent and received (each end its own process, so the
+    measure is not the GIL's)."""
+    rx = bed.popen(dst_ns, [sys.executable, "-c", _FLOOD_RECEIVER, dst, str(port)],
+                   stdout=subprocess.PIPE, text=True)
+    try:
+        if rx.stdout.readline().strip() != "ready":
+            raise RuntimeError("flood receiver did not start")
+        tx = subprocess.run(bed.command(src_ns, [sys.executable, "-c", _FLOOD_SENDER, dst,
+                                                 str(port), str(size), str(seconds)]),
+                            capture_output=True, text=True, check=True)
+        received, span = rx.stdout.readline().split()
+    finally:
+        _end(rx, signal.SIGTERM)
+        rx.stdout.close()
+    sent = int(tx.stdout)
+    return {"size": size, "sent": sent, "received": int(received),
+            "sent_pps": round(sent / seconds), "received_pps": round(int(received) / seconds)}
 
 
 @dataclass
