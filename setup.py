@@ -1,16 +1,46 @@
-"""Builds the one compiled module, multitun._fastpath.
+"""Builds the compiled data plane, multitun._fastpath, and the man page.
 
 MULTITUN_DEBUG=1 builds with line tracing and an annotated HTML report of the
 Cython code (for profiling and coverage of the data plane); the default build is
 optimised and has neither.
+
+The man page, multitun(8), is generated from the CLI's parser with
+argparse-manpage when the package is built, and installed with it into
+share/man/man8.
 """
 
 import os
+import sys
 
 from Cython.Build import cythonize
 from setuptools import Extension, setup
+from setuptools.command.build_py import build_py
 
 debug = os.environ.get("MULTITUN_DEBUG") == "1"
+HERE = os.path.dirname(os.path.abspath(__file__))
+MAN_PAGE = os.path.join("build", "man", "multitun.8")
+
+
+class build_py_with_man_page(build_py):
+    def run(self):
+        super().run()
+        from argparse_manpage.manpage import Manpage
+
+        sys.path.insert(0, HERE)  # the package being built, not an installed one
+        try:
+            from multitun._version import __version__
+            from multitun.cli import build_parser
+        finally:
+            sys.path.remove(HERE)
+        page = Manpage(build_parser(), _data={
+            "project_name": "multitun", "version": __version__, "manual_section": 8,
+            "description": "multi-path duplicating tunnel: every packet over every path",
+            "manual_title": "System Manager's Manual",
+        })
+        os.makedirs(os.path.dirname(MAN_PAGE), exist_ok=True)
+        with open(MAN_PAGE, "w") as f:
+            f.write(str(page))
+
 
 extension = Extension(
     "multitun._fastpath",
@@ -26,4 +56,6 @@ setup(
         annotate=debug,
         compiler_directives={"linetrace": debug, "embedsignature": True},
     ),
+    cmdclass={"build_py": build_py_with_man_page},
+    data_files=[("share/man/man8", [MAN_PAGE])],
 )

@@ -9,18 +9,25 @@ Bad input gets one line on stderr and exit status 2, never a traceback.
 from __future__ import annotations
 
 import argparse
+import difflib
 import json
 import logging
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
 
 from ._version import __version__
 from .config import (
     DEFAULT_DEV, DEFAULT_DOWN_AFTER, DEFAULT_PORT, DEFAULT_PROBE_INTERVAL, DEFAULT_TIMEOUT,
-    MAX_MTU, Config, ConfigError, parse_address, parse_hostport, parse_paths, parse_port,
+    MAX_MTU, Config, parse_address, parse_hostport, parse_paths, parse_port,
     parse_tun_address,
 )
-from .device import SetupError
+from .errors import ConfigError, SetupError
 
 EXAMPLES = """\
 other commands:
@@ -102,11 +109,16 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--version", action="version", version=f"multitun {__version__}")
-    p.add_argument("-l", "--tun_listen_addr", action="append", required=True,
+    p.add_argument("--config", type=Path, metavar="FILE",
+                   help="read settings from this TOML file; its keys are the long option "
+                        "names (server_port = 5678, tun_listen_addr = [\"10.42.42.1\"], "
+                        "offload = false, ...); options given here override it")
+    # -l and -s/-c may come from --config, so Config.check() insists on them.
+    p.add_argument("-l", "--tun_listen_addr", action="append",
                    type=_checked(parse_tun_address), metavar="ADDR[/PREFIX]",
                    help="address of the TUN device; /24 (IPv4) or /64 (IPv6) if no prefix "
                         "is given; repeat for an IPv4 and an IPv6 address")
-    role = p.add_mutually_exclusive_group(required=True)
+    role = p.add_mutually_exclusive_group()
     role.add_argument("-s", "--server_listen_addr", type=_checked(_listen_address),
                       metavar="ADDR",
                       help="be the server, listening on this address (0.0.0.0 or :: for all)")
@@ -150,9 +162,74 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def merge_config_file(args: argparse.Namespace, parser: argparse.ArgumentParser,
+                      argv: Sequence[str]) -> None:
+    """Fill ``args`` from the TOML file ``args.config``, except what ``argv``
+    gave: options on the command line win. Every value goes through the same
+    checks as its option; unknown keys and bad values are ConfigErrors naming
+    the file and the key."""
+    path = args.config
+    try:
+        data = tomllib.loads(path.read_text())
+    except OSError as e:
+        raise ConfigError(f"{path}: {e.strerror}") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: {e}") from None
+    actions = {a.dest: a for a in parser._actions
+               if a.dest not in ("help", "version", "config")}
+    given = _given_options(argv)
+    for key, value in data.items():
+        action = actions.get(key)
+        if action is None:
+            near = difflib.get_close_matches(key, actions, n=1)
+            raise ConfigError(f"{path}: unknown key {key!r}"
+                              + (f" (did you mean {near[0]!r}?)" if near else ""))
+        try:
+            converted = _file_value(action, value)
+        except (ConfigError, argparse.ArgumentTypeError) as e:
+            raise ConfigError(f"{path}: {key}: {e}") from None
+        if key not in given:
+            setattr(args, key, converted)
+
+
+def _given_options(argv: Sequence[str]) -> set[str]:
+    """The dests the command line itself set (a parse with no defaults)."""
+    parser = build_parser()
+    for action in parser._actions:
+        action.default = argparse.SUPPRESS
+    return set(vars(parser.parse_args(argv)))
+
+
+def _file_value(action: argparse.Action, value: object) -> object:
+    """A TOML value for ``action``, checked as the option's own text would be."""
+    if action.nargs == 0 and isinstance(action.const, bool):  # store_true / store_false
+        if not isinstance(value, bool):
+            raise ConfigError(f"expected true or false, got {value!r}")
+        return value
+    if isinstance(action, argparse._CountAction):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ConfigError(f"expected a count (0, 1, 2...), got {value!r}")
+        return value
+    if isinstance(action, argparse._AppendAction):  # -l: one address or a list
+        items = value if isinstance(value, list) else [value]
+        return [action.type(_scalar(item)) for item in items]
+    if action.dest == "client_endpoints" and isinstance(value, list):
+        value = ",".join(_scalar(v) for v in value)  # a list of "local:server" pairs
+    text = _scalar(value)
+    if action.choices and text not in action.choices:
+        raise ConfigError(f"expected one of {', '.join(action.choices)}, got {value!r}")
+    return action.type(text) if action.type else text
+
+
+def _scalar(value: object) -> str:
+    if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+        raise ConfigError(f"expected a string or a number, got {value!r}")
+    return str(value)
+
+
 def config_from_args(args: argparse.Namespace) -> Config:
     return Config(
-        tun_addresses=tuple(args.tun_listen_addr),
+        tun_addresses=tuple(args.tun_listen_addr or ()),
         port=args.server_port,
         server_listen=args.server_listen_addr,
         paths=args.client_endpoints or (),
@@ -178,6 +255,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        if args.config:
+            merge_config_file(args, parser, argv)
         config = config_from_args(args)
     except ConfigError as e:
         parser.error(str(e))

@@ -10,6 +10,7 @@ import ipaddress
 from dataclasses import dataclass
 
 from . import wire
+from .errors import ConfigError
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPInterface = ipaddress.IPv4Interface | ipaddress.IPv6Interface
@@ -25,10 +26,6 @@ UDP_HEADER = 8
 IP_HEADER = {4: 20, 6: 40}
 MIN_MTU = {4: 576, 6: 1280}  # RFC 791 / RFC 8200 minimum link MTUs
 MAX_MTU = 65535 - IP_HEADER[4] - UDP_HEADER - wire.HEADER_LEN
-
-
-class ConfigError(ValueError):
-    """A bad setting; its message names what is wrong."""
 
 
 @dataclass(frozen=True)
@@ -86,8 +83,11 @@ class Config:
         return max(DEFAULT_DOWN_AFTER, 3 * self.probe_interval)
 
     def check(self) -> Config:
-        if (self.server_listen is None) == (not self.paths):
+        if self.server_listen is not None and self.paths:
             raise ConfigError("give either -s (server) or -c (client), not both")
+        if self.server_listen is None and not self.paths:
+            raise ConfigError("give -s/--server_listen_addr (server) or "
+                              "-c/--client_endpoints (client)")
         if len(self.paths) > wire.MAX_PATHS:
             raise ConfigError(f"at most {wire.MAX_PATHS} paths, got {len(self.paths)}")
         if not self.tun_addresses:

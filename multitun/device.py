@@ -16,6 +16,7 @@ import struct
 from pyroute2 import IPRoute
 
 from .config import IPInterface
+from .errors import SetupError
 
 # <linux/if_tun.h>
 TUNSETIFF = 0x400454CA
@@ -24,10 +25,6 @@ IFF_NO_PI = 0x1000
 IFNAMSIZ = 16
 # <linux/if_addr.h>: a TUN has no link-layer neighbours to detect duplicates on.
 IFA_F_NODAD = 0x02
-
-
-class SetupError(Exception):
-    """Something on this host stops the tunnel from starting; one line for the user."""
 
 
 class TunDevice:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 
-from .device import SetupError
+from .errors import SetupError
 
 try:
     from prometheus_client import CollectorRegistry, start_http_server

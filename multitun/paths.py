@@ -14,7 +14,7 @@ import socket
 from pyroute2 import IPRoute
 
 from .config import IPAddress, PathSpec
-from .device import SetupError
+from .errors import SetupError
 
 # <linux/in.h>; Python's socket module lacks it.
 IP_PKTINFO = 8

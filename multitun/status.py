@@ -19,7 +19,7 @@ import struct
 import sys
 import time
 
-from .device import SetupError
+from .errors import SetupError
 
 PREFIX = "multitun/"
 REPLY_TIMEOUT = 2.0

@@ -24,7 +24,8 @@ from . import wire
 from ._fastpath import WAKE, Engine
 from ._version import __version__
 from .config import Config
-from .device import SetupError, TunDevice
+from .device import TunDevice
+from .errors import SetupError
 from .health import LOST_AFTER_INTERVALS, PathHealth
 from .metrics import MetricsServer
 from .paths import (
@@ -109,7 +110,9 @@ class Tunnel:
                 metrics = MetricsServer(cfg.metrics[0], cfg.metrics[1], lambda: self.published)
                 stack.callback(metrics.close)
             self._log_start(gso, gro)
+            notify_systemd("READY=1")
             self._loop()
+            notify_systemd("STOPPING=1")
             self._log_totals()
         return 0
 
@@ -322,6 +325,21 @@ def cpu_latency_qos():
         yield
     finally:
         os.close(fd)
+
+
+def notify_systemd(state: str) -> None:
+    """Tell systemd (Type=notify) what we are doing: sd_notify(3)'s protocol,
+    one datagram to $NOTIFY_SOCKET ('@' starts an abstract name). Not under
+    systemd: nothing."""
+    path = os.environ.get("NOTIFY_SOCKET")
+    if not path:
+        return
+    address = "\0" + path[1:] if path.startswith("@") else path
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as s:
+        try:
+            s.sendto(state.encode(), address)
+        except OSError as e:
+            log.warning("cannot notify systemd at %s: %s", path, e.strerror)
 
 
 def _is_connected(sock: socket.socket) -> bool:

@@ -86,7 +86,7 @@ def test_version(capsys):
 
 BAD = [
     (f"{SERVER} -c 192.0.2.2:192.0.2.1", "not allowed with"),
-    ("-l 10.42.42.1 -p 5678", "one of the arguments -s/--server_listen_addr -c/--client_endpoints is required"),
+    ("-l 10.42.42.1 -p 5678", "give -s/--server_listen_addr (server) or -c/--client_endpoints (client)"),
     ("-s 0.0.0.0", "-l/--tun_listen_addr"),
     ("-l 10.42.42.300 -s 0.0.0.0", "'10.42.42.300' is not an IP address"),
     ("-l 10.42.42.1/33 -s 0.0.0.0", "bad prefix length"),

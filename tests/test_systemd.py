@@ -1,0 +1,49 @@
+"""The systemd unit and readiness notification."""
+
+import shutil
+import socket
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from multitun.lab import TunnelPair
+
+from .conftest import requires_root
+
+UNIT = Path(__file__).resolve().parent.parent / "packaging" / "systemd" / "multitun@.service"
+
+
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None,
+                    reason="systemd-analyze is not installed (no systemd on this machine)")
+def test_unit_verifies(tmp_path):
+    unit = tmp_path / "multitun@test.service"
+    unit.write_text(UNIT.read_text().replace("/usr/local/bin/multitun", shutil.which("true")))
+    # --man=no: the man page is checked where it is installed (test_packaging.py).
+    proc = subprocess.run(["systemd-analyze", "verify", "--man=no", str(unit)], capture_output=True,
+                          text=True)
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_unit_runs_the_config_file_of_the_instance():
+    text = UNIT.read_text()
+    assert "ExecStart=/usr/local/bin/multitun --config /etc/multitun/%i.toml" in text
+    assert "Type=notify" in text and "CapabilityBoundingSet=CAP_NET_ADMIN" in text
+
+
+@requires_root
+@pytest.mark.netns
+def test_ready_is_notified(bed, tmp_path, monkeypatch):
+    # A path socket, not an abstract one: the tunnel runs in another network
+    # namespace, and abstract names do not cross namespaces.
+    path = tmp_path / "notify"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        sock.bind(str(path))
+        sock.settimeout(10)
+        monkeypatch.setenv("NOTIFY_SOCKET", str(path))
+        with TunnelPair(bed, tmp_path) as pair:
+            assert sock.recv(64) == b"READY=1"  # the first of the two ends
+            assert sock.recv(64) == b"READY=1"
+            pair.wait_carrying()
+            pair.stop_client()
+            assert sock.recv(64) == b"STOPPING=1"
