@@ -147,7 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
                         f"(default {DEFAULT_DOWN_AFTER:g}, or 3 probe intervals if longer)")
     p.add_argument("--metrics", type=_checked(parse_hostport), metavar="HOST:PORT",
                    help="serve Prometheus metrics on http://HOST:PORT/metrics "
-                        "(needs multitun[metrics])")
+                        "(needs the 'metrics' extra: prometheus-client)")
     p.add_argument("--log-format", choices=("text", "json"), default="text",
                    help="log lines as text (default) or as one JSON object each")
     p.add_argument("--low-latency", action="store_true",

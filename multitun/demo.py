@@ -64,8 +64,8 @@ def main(argv: list[str]) -> int:
         try:
             import matplotlib  # noqa: F401
         except ImportError:
-            print("multitun demo: error: --plot needs matplotlib: pip install "
-                  "'multitun[plot]'", file=sys.stderr)
+            print("multitun demo: error: --plot needs matplotlib (multitun's 'plot' extra)",
+                  file=sys.stderr)
             return 2
     if os.geteuid() != 0:
         print("multitun demo: error: needs root or CAP_NET_ADMIN (network namespaces, "

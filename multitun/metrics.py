@@ -77,7 +77,7 @@ class _Collector:
 class MetricsServer:
     def __init__(self, host: str, port: int, snapshot: Callable[[], dict]) -> None:
         if CollectorRegistry is None:
-            raise SetupError("--metrics needs prometheus-client: pip install 'multitun[metrics]'")
+            raise SetupError("--metrics needs prometheus-client (multitun's 'metrics' extra)")
         registry = CollectorRegistry(auto_describe=False)
         registry.register(_Collector(snapshot))
         try:
