@@ -4,6 +4,7 @@ paths, multitun processes at both ends, real traffic through it."""
 import os
 import random
 import select
+import shutil
 import signal
 import socket
 import struct
@@ -15,7 +16,8 @@ import pytest
 
 from multitun import wire
 from multitun.lab import (
-    TUN_CLIENT, TUN_SERVER, TUN_SERVER6, TunnelPair, ping, tcp_transfer, udp_stream,
+    TUN_CLIENT, TUN_SERVER, TUN_SERVER6, TunnelPair, ping, tcp_throughput, tcp_transfer,
+    udp_stream,
 )
 
 from .conftest import requires_root
@@ -276,3 +278,11 @@ def test_server_on_a_wildcard_replies_from_the_address_written_to(bed, tmp_path)
         data = os.urandom(1 << 20)
         result = tcp_transfer(bed, bed.server, bed.client, TUN_CLIENT, data=data)
         assert result.received_sha256 == result.sent_sha256
+
+
+@pytest.mark.parametrize("tool", ["built-in"] + (["iperf3"] if shutil.which("iperf3") else []))
+def test_lab_tcp_throughput(tunnel, monkeypatch, tool):
+    if tool == "built-in":
+        monkeypatch.setattr(shutil, "which", lambda name: None)
+    bed = tunnel.bed
+    assert 0.1 < tcp_throughput(bed, bed.client, bed.server, TUN_SERVER, seconds=1) < 100
