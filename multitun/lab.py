@@ -585,22 +585,25 @@ def tcp_throughput(bed: Bed, src_ns: str, dst_ns: str, dst: str, seconds: float 
     if not shutil.which("iperf3"):
         return tcp_transfer(bed, src_ns, dst_ns, dst, seconds=seconds).gbit_per_s
     port = 5201 + next(_serial) % 100
-    server = bed.popen(dst_ns, ["iperf3", "--server", "--one-off", "--bind", dst,
-                                "--port", str(port)],
+    server = bed.popen(dst_ns, ["iperf3", "--server", "--bind", dst, "--port", str(port)],
                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        for _ in range(100):  # until it listens
-            out = subprocess.run(bed.command(src_ns, [
-                "iperf3", "--client", dst, "--port", str(port), "--time", str(seconds),
-                "--json"]), capture_output=True, text=True)
-            if out.returncode == 0:
-                break
-            time.sleep(0.05)
-        else:
-            raise RuntimeError(f"iperf3 failed: {out.stdout[-300:]}")
+        # Wait until it listens; a connection attempt before then would count.
+        listening = bed.command(dst_ns, ["ss", "-Hltn", f"sport = :{port}"])
+        deadline = time.monotonic() + 5
+        while not subprocess.run(listening, capture_output=True, text=True).stdout.strip():
+            if time.monotonic() > deadline:
+                raise RuntimeError("iperf3 server did not start")
+            time.sleep(0.02)
+        out = subprocess.run(bed.command(src_ns, [
+            "iperf3", "--client", dst, "--port", str(port), "--time", str(seconds), "--json"]),
+            capture_output=True, text=True)
+        result = json.loads(out.stdout or "{}")
+        if out.returncode or "error" in result:
+            raise RuntimeError(f"iperf3 failed: {result.get('error', out.stderr.strip())}")
     finally:
         _end(server, signal.SIGTERM)
-    return json.loads(out.stdout)["end"]["sum_received"]["bits_per_second"] / 1e9
+    return result["end"]["sum_received"]["bits_per_second"] / 1e9
 
 
 @dataclass
