@@ -4,9 +4,9 @@ MULTITUN_DEBUG=1 builds with line tracing and an annotated HTML report of the
 Cython code (for profiling and coverage of the data plane); the default build is
 optimised and has neither.
 
-The man page, multitun(8), is generated from the CLI's parser with
-argparse-manpage when the package is built, and installed with it into
-share/man/man8.
+The man page, multitun(8), and the bash completion are generated from the
+CLI's parser (argparse-manpage, shtab) when the package is built, and installed
+with it into share/man/man8 and share/bash-completion/completions.
 """
 
 import os
@@ -19,11 +19,13 @@ from setuptools.command.build_py import build_py
 debug = os.environ.get("MULTITUN_DEBUG") == "1"
 HERE = os.path.dirname(os.path.abspath(__file__))
 MAN_PAGE = os.path.join("build", "man", "multitun.8")
+COMPLETION = os.path.join("build", "completion", "multitun")
 
 
 class build_py_with_man_page(build_py):
     def run(self):
         super().run()
+        import shtab
         from argparse_manpage.manpage import Manpage
 
         sys.path.insert(0, HERE)  # the package being built, not an installed one
@@ -37,9 +39,11 @@ class build_py_with_man_page(build_py):
             "description": "multi-path duplicating tunnel: every packet over every path",
             "manual_title": "System Manager's Manual",
         })
-        os.makedirs(os.path.dirname(MAN_PAGE), exist_ok=True)
-        with open(MAN_PAGE, "w") as f:
-            f.write(str(page))
+        for path, text in ((MAN_PAGE, str(page)),
+                           (COMPLETION, shtab.complete(build_parser(), shell="bash"))):
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            with open(path, "w") as f:
+                f.write(text)
 
 
 extension = Extension(
@@ -57,5 +61,6 @@ setup(
         compiler_directives={"linetrace": debug, "embedsignature": True},
     ),
     cmdclass={"build_py": build_py_with_man_page},
-    data_files=[("share/man/man8", [MAN_PAGE])],
+    data_files=[("share/man/man8", [MAN_PAGE]),
+                ("share/bash-completion/completions", [COMPLETION])],
 )

@@ -46,6 +46,16 @@ def test_man_page_installed(installed):
     assert "multi\\-path duplicating tunnel" in page and "\\-\\-client_endpoints" in page
 
 
+def test_bash_completion_installed(installed):
+    user, _ = installed
+    script = user / "share/bash-completion/completions/multitun"
+    assert "--client_endpoints" in script.read_text()
+    # It loads in bash and completes an option.
+    out = run("bash", "-c", f"source {script}; COMP_WORDS=(multitun --client_e); COMP_CWORD=1; "
+              "_shtab_multitun; echo ${COMPREPLY[@]}")
+    assert "--client_endpoints" in out.stdout
+
+
 def test_compiled_module_imports(installed, tmp_path):
     user, _ = installed
     out = run(user / "bin/python", "-c",
