@@ -80,6 +80,16 @@ def _mtu(text: str) -> int:
     return value
 
 
+def _microseconds(text: str) -> int:
+    try:
+        value = int(text, 10)
+    except ValueError:
+        raise ConfigError(f"{text!r} is not a number of microseconds") from None
+    if not 0 <= value <= 100_000:
+        raise ConfigError(f"{value} is out of range 0-100000")
+    return value
+
+
 def _listen_address(text: str) -> object:
     return parse_address(text, "server listen address")
 
@@ -154,6 +164,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="trade power for round-trip time: keep this host's idle CPUs "
                         "out of sleep states while running (PM QoS, /dev/cpu_dma_latency "
                         "= 0), and poll for 300 us after each packet before sleeping")
+    p.add_argument("--busy-poll", dest="busy_poll_us", type=_checked(_microseconds),
+                   metavar="USEC",
+                   help="after each packet, poll this long before sleeping (default 0, or "
+                        "300 with --low-latency); traffic that comes at least this often "
+                        "then never waits for the engine to wake, at the cost of a busy CPU")
     p.add_argument("--no-offload", dest="offload", action="store_false",
                    help="send and receive datagrams one by one (sendmmsg/recvmmsg) "
                         "instead of UDP GSO/GRO trains")
@@ -240,6 +255,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
         low_latency=args.low_latency,
         offload=args.offload,
         down_after=args.down_after,
+        busy_poll_us=args.busy_poll_us,
         metrics=args.metrics,
     ).check()
 

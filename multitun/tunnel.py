@@ -37,9 +37,6 @@ from .status import StatusServer
 log = logging.getLogger("multitun")
 
 HOUSEKEEPING_INTERVAL = 1.0
-# --low-latency: after activity, poll this long before sleeping (measured on
-# the two-path bed: about 5 us off the median round trip, on top of PM QoS).
-LOW_LATENCY_BUSY_POLL_US = 300
 # A path's send errors are summarised at most this often (never one line per packet).
 ERROR_SUMMARY_INTERVAL = 5.0
 
@@ -99,7 +96,7 @@ class Tunnel:
             self.engine = Engine(
                 device.fd, [s.fileno() for s in socks], cfg.is_server, new_session(),
                 (wake_fd, self.status.fileno()), gso=gso,
-                busy_poll_us=LOW_LATENCY_BUSY_POLL_US if cfg.low_latency else 0)
+                busy_poll_us=cfg.effective_busy_poll_us)
             self.socks, self._gso, self._wake_fd = socks, gso, wake_fd
             if not cfg.is_server:
                 for i in range(len(cfg.paths)):

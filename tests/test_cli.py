@@ -77,6 +77,14 @@ def test_help(capsys):
         assert flag in out
 
 
+@pytest.mark.parametrize("cmdline,busy_poll", [
+    (SERVER, 0), (f"{SERVER} --low-latency", 300), (f"{SERVER} --low-latency --busy-poll 2000", 2000),
+    (f"{SERVER} --busy-poll 50", 50),
+])
+def test_busy_poll(cmdline, busy_poll):
+    assert config(cmdline).effective_busy_poll_us == busy_poll
+
+
 def test_version(capsys):
     with pytest.raises(SystemExit) as e:
         main(["--version"])
@@ -109,6 +117,7 @@ BAD = [
     ("-l fd42::1 -s 0.0.0.0 --mtu 1000", "below IPv6's minimum of 1280"),
     ("-l 10.42.42.1 -s 0.0.0.0 --probe-interval 30", "shorter than the timeout"),
     ("-l 10.42.42.1 -s 0.0.0.0 --frobnicate", "unrecognized arguments: --frobnicate"),
+    ("-l 10.42.42.1 -s 0.0.0.0 --busy-poll 200000", "200000 is out of range 0-100000"),
     ("-l 10.42.42.2 -c " + ",".join(f"192.0.2.{i}:192.0.2.1" for i in range(2, 19)), "at most 16 paths"),
 ]
 

@@ -18,8 +18,9 @@ ROUND_TRIPS = [
      'tun_listen_addr = "10.42.42.1"\nserver_listen_addr = "0.0.0.0"\ndev = "mt7"\nmtu = 1400\n'
      'probe_interval = 0.2\ndown_after = 1'),
     ("-l 10.42.42.1 -s 0.0.0.0 --metrics [::1]:9100 --log-format json --low-latency "
-     "--no-offload -vv", 'tun_listen_addr = "10.42.42.1"\nserver_listen_addr = "0.0.0.0"\n'
-     'metrics = "[::1]:9100"\nlog_format = "json"\nlow_latency = true\noffload = false\nverbose = 2'),
+     "--no-offload -vv --busy-poll 2000", 'tun_listen_addr = "10.42.42.1"\n'
+     'server_listen_addr = "0.0.0.0"\nmetrics = "[::1]:9100"\nlog_format = "json"\n'
+     'low_latency = true\noffload = false\nverbose = 2\nbusy_poll_us = 2000'),
 ]
 
 
