@@ -24,7 +24,7 @@ else:  # pragma: no cover
 from ._version import __version__
 from .config import (
     DEFAULT_DEV, DEFAULT_DOWN_AFTER, DEFAULT_PORT, DEFAULT_PROBE_INTERVAL, DEFAULT_TIMEOUT,
-    MAX_MTU, Config, parse_address, parse_hostport, parse_paths, parse_port,
+    MAX_MTU, Config, parse_address, parse_hostport, parse_int, parse_paths, parse_port,
     parse_tun_address,
 )
 from .errors import ConfigError, SetupError
@@ -71,23 +71,11 @@ def _seconds(text: str) -> float:
 
 
 def _mtu(text: str) -> int:
-    try:
-        value = int(text, 10)
-    except ValueError:
-        raise ConfigError(f"{text!r} is not a number") from None
-    if not 576 <= value <= MAX_MTU:
-        raise ConfigError(f"{value} is out of range 576-{MAX_MTU}")
-    return value
+    return parse_int(text, 576, MAX_MTU)
 
 
 def _microseconds(text: str) -> int:
-    try:
-        value = int(text, 10)
-    except ValueError:
-        raise ConfigError(f"{text!r} is not a number of microseconds") from None
-    if not 0 <= value <= 100_000:
-        raise ConfigError(f"{value} is out of range 0-100000")
-    return value
+    return parse_int(text, 0, 100_000)
 
 
 def _listen_address(text: str) -> object:

@@ -146,14 +146,20 @@ def parse_tun_address(text: str) -> IPInterface:
     return iface
 
 
-def parse_port(text: str) -> int:
+def parse_int(text: str, low: int, high: int, what: str = "") -> int:
+    """A decimal integer within low..high; ``what`` prefixes the error."""
+    prefix = f"{what}: " if what else ""
     try:
-        port = int(text, 10)
+        value = int(text, 10)
     except ValueError:
-        raise ConfigError(f"port: {text!r} is not a number") from None
-    if not 1 <= port <= 65535:
-        raise ConfigError(f"port: {port} is out of range 1-65535")
-    return port
+        raise ConfigError(f"{prefix}{text!r} is not a number") from None
+    if not low <= value <= high:
+        raise ConfigError(f"{prefix}{value} is out of range {low}-{high}")
+    return value
+
+
+def parse_port(text: str) -> int:
+    return parse_int(text, 1, 65535, "port")
 
 
 def parse_hostport(text: str) -> tuple[str, int]:
