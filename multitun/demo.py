@@ -12,6 +12,7 @@ also on error or Ctrl-C.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import socket
@@ -61,9 +62,7 @@ def main(argv: list[str]) -> int:
     if not 1 <= args.rate <= 10000:
         parser.error("--rate must be between 1 and 10000")
     if args.plot:
-        try:
-            import matplotlib  # noqa: F401
-        except ImportError:
+        if importlib.util.find_spec("matplotlib") is None:
             print("multitun demo: error: --plot needs matplotlib (multitun's 'plot' extra)",
                   file=sys.stderr)
             return 2

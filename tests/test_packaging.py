@@ -1,7 +1,6 @@
 """The wheel as users get it: built in one fresh venv, installed in another."""
 
 import subprocess
-import sys
 import venv
 from pathlib import Path
 

@@ -1,17 +1,9 @@
-"""A test bed on one host: a client and a server network namespace joined by
-N veth pairs, one per path, built with pyroute2 and always torn down.
-
-Addresses are from the documentation ranges (RFC 5737 / RFC 3849) and exist only
-inside the namespaces the bed makes:
-
-    path i   client 192.0.2.2 / 198.51.100.2 / 203.0.113.2   (IPv6 2001:db8:i::2)
-             server 192.0.2.1 / 198.51.100.1 / 203.0.113.1   (IPv6 2001:db8:i::1)
-"""
+"""Traffic across a bed, measured: ping, UDP streams and floods, one-way
+latency probes, TCP transfers."""
 
 from __future__ import annotations
 
 import hashlib
-import itertools
 import json
 import math
 import os
@@ -26,295 +18,11 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
-from pyroute2 import IPRoute, netns
-from pyroute2.ethtool import Ethtool
+from pyroute2 import netns
 
-from .emulator import Impairment
-
-PATH_NETS = ("192.0.2", "198.51.100", "203.0.113")
-_serial = itertools.count()
-
-
-@dataclass(frozen=True)
-class BedPath:
-    index: int
-    client_if: str
-    server_if: str
-    client_ip: str
-    server_ip: str
-    client_ip6: str
-    server_ip6: str
-
-
-class Bed:
-    """``with Bed(2) as bed:`` two namespaces, ``bed.client`` and ``bed.server``,
-    joined by two paths (``bed.paths``).
-
-    ``emulate`` gives, per path, None (a plain veth pair) or the impairments of
-    its two directions, (client to server, server to client). Emulated paths run
-    through a third namespace, ``bed.mid``, where multitun.emulator bridges them.
-    """
-
-    def __init__(self, npaths: int = 2,
-                 emulate: list[tuple[Impairment, Impairment] | None] | None = None,
-                 seed: int | None = None) -> None:
-        if not 1 <= npaths <= len(PATH_NETS):
-            raise ValueError(f"a bed has 1..{len(PATH_NETS)} paths")
-        self.emulate = list(emulate) if emulate else [None] * npaths
-        if len(self.emulate) != npaths:
-            raise ValueError("give one emulation (or None) per path")
-        tag = f"{os.getpid() % 100000}x{next(_serial)}"
-        self.client, self.server = f"mtc{tag}", f"mts{tag}"
-        self.mid = f"mtm{tag}" if any(self.emulate) else None
-        self.paths = [
-            BedPath(i, f"c{i}", f"s{i}", f"{net}.2", f"{net}.1",
-                    f"2001:db8:{i}::2", f"2001:db8:{i}::1")
-            for i, net in enumerate(PATH_NETS[:npaths])
-        ]
-        self.seed = seed
-        self.emulator: subprocess.Popen | None = None
-        self.emulator_start_ns = 0
-        self._tag = tag
-        self._made: list[str] = []
-
-    def __enter__(self) -> Bed:
-        try:
-            self._build()
-        except BaseException:
-            self.close()
-            raise
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def _wire(self, ns_a: str, name_a: str, ns_b: str, name_b: str) -> None:
-        """A veth pair with end ``name_a`` in ``ns_a`` and ``name_b`` in ``ns_b``."""
-        tmp_a, tmp_b = f"mt{self._tag}{name_a}", f"mt{self._tag}{name_b}"
-        with IPRoute() as ipr:
-            ipr.link("add", ifname=tmp_a, kind="veth", peer=tmp_b)
-            ipr.link("set", index=ipr.link_lookup(ifname=tmp_a)[0], net_ns_fd=ns_a)
-            ipr.link("set", index=ipr.link_lookup(ifname=tmp_b)[0], net_ns_fd=ns_b)
-        for ns, tmp, name in ((ns_a, tmp_a, name_a), (ns_b, tmp_b, name_b)):
-            with IPRoute(netns=ns) as ipr:
-                index = ipr.link_lookup(ifname=tmp)[0]
-                ipr.link("set", index=index, ifname=name, state="up")
-
-    def _build(self) -> None:
-        for ns in filter(None, (self.client, self.server, self.mid)):
-            netns.create(ns)
-            self._made.append(ns)
-            with IPRoute(netns=ns) as ipr:
-                ipr.link("set", index=ipr.link_lookup(ifname="lo")[0], state="up")
-        links = []
-        for p, emulation in zip(self.paths, self.emulate):
-            if emulation is None:
-                self._wire(self.client, p.client_if, self.server, p.server_if)
-                continue
-            # client c<i> - a<i> [emulator] b<i> - s<i> server
-            a, b = f"a{p.index}", f"b{p.index}"
-            self._wire(self.client, p.client_if, self.mid, a)
-            self._wire(self.mid, b, self.server, p.server_if)
-            for ns, ifname in ((self.client, p.client_if), (self.mid, a),
-                               (self.mid, b), (self.server, p.server_if)):
-                _wire_sized_frames(ns, ifname)
-            links.append({"a": a, "b": b, "ab": emulation[0].to_json(),
-                          "ba": emulation[1].to_json()})
-        for ns, side in ((self.client, "client"), (self.server, "server")):
-            with IPRoute(netns=ns) as ipr:
-                for p in self.paths:
-                    index = ipr.link_lookup(ifname=getattr(p, f"{side}_if"))[0]
-                    ipr.addr("add", index=index, address=getattr(p, f"{side}_ip"), prefixlen=24)
-                    ipr.addr("add", index=index, address=getattr(p, f"{side}_ip6"),
-                             prefixlen=64, flags=0x02)  # IFA_F_NODAD: usable at once
-        if links:
-            config = json.dumps({"seed": self.seed, "links": links})
-            self.emulator = self.popen(self.mid, [sys.executable, "-m", "multitun.emulator",
-                                                  config], stdout=subprocess.PIPE,
-                                       env=_same_package_env())
-            ready = json.loads(self.emulator.stdout.readline() or "{}")
-            if not ready.get("ready"):
-                raise RuntimeError("the path emulator did not start")
-            self.emulator_start_ns = ready["start_ns"]
-
-    def close(self) -> None:
-        """Remove the namespaces (their veths go with them) and whatever ran there."""
-        if self.emulator is not None:
-            _end(self.emulator, signal.SIGTERM)
-            self.emulator.stdout.close()
-            self.emulator = None
-        for ns in self._made:
-            for pid in netns.ns_pids().get(ns, ()):
-                try:
-                    os.kill(pid, 9)
-                except ProcessLookupError:
-                    pass
-            try:
-                netns.remove(ns)
-            except OSError:
-                pass
-        self._made.clear()
-
-    # ------------------------------------------------------------ using it
-
-    def socket(self, ns: str, family: int = socket.AF_INET,
-               type: int = socket.SOCK_DGRAM) -> socket.socket:
-        """A socket that lives in namespace ``ns`` (sockets keep the namespace
-        they were made in)."""
-        return netns.create_socket(ns, family, type)
-
-    def command(self, ns: str, argv: list[str]) -> list[str]:
-        return ["ip", "netns", "exec", ns, *argv]
-
-    def popen(self, ns: str, argv: list[str], **kw: object) -> subprocess.Popen:
-        return subprocess.Popen(self.command(ns, argv), **kw)
-
-    def multitun(self, ns: str, args: list[str], **kw: object) -> subprocess.Popen:
-        """Start ``python -m multitun ARGS`` in ``ns``."""
-        return self.popen(ns, [sys.executable, "-m", "multitun", *args],
-                          env=_same_package_env(), **kw)
-
-    def set_link(self, ns: str, ifname: str, up: bool) -> None:
-        with IPRoute(netns=ns) as ipr:
-            ipr.link("set", index=ipr.link_lookup(ifname=ifname)[0],
-                     state="up" if up else "down")
-
-    def link_stats(self, ns: str, ifname: str) -> dict:
-        with IPRoute(netns=ns) as ipr:
-            link = ipr.get_links(ipr.link_lookup(ifname=ifname)[0])[0]
-            return dict(link.get("IFLA_STATS64"))
-
-    def client_endpoints(self, v6: bool = False) -> str:
-        """The -c argument for every path of the bed."""
-        if v6:
-            return ",".join(f"[{p.client_ip6}]:[{p.server_ip6}]" for p in self.paths)
-        return ",".join(f"{p.client_ip}:{p.server_ip}" for p in self.paths)
-
-
-def _same_package_env() -> dict:
-    """An environment in which ``python -m multitun...`` runs the very package
-    this process imported (installed or a source tree), whatever the cwd."""
-    here = str(Path(__file__).resolve().parent.parent)
-    return {**os.environ, "PYTHONPATH": os.pathsep.join(
-        filter(None, [here, os.environ.get("PYTHONPATH")]))}
-
-
-def _wire_sized_frames(ns: str, ifname: str) -> None:
-    """Turn off segmentation and receive offloads (ethtool -K) so that every
-    frame the emulator sees is one packet on the wire (loss, rate and delay
-    then apply per packet, as on a real link), and checksum offload, so that
-    checksums are filled in before the emulator copies the frame (a veth
-    otherwise leaves them to the receiving end, CHECKSUM_PARTIAL)."""
-    netns.pushns(ns)
-    try:
-        ethtool = Ethtool()
-        try:
-            features = ethtool.get_features(ifname)
-            for name, feature in features.features.items():
-                if ("segmentation" in name or "receive-offload" in name
-                        or name.startswith("tx-checksum")):
-                    feature.enable = False
-            ethtool.set_features(ifname, features)
-        finally:
-            ethtool.close()
-    finally:
-        netns.popns()
-
-
-# ---------------------------------------------------------------- the tunnel
-
-TUN_SERVER, TUN_CLIENT = "10.42.42.1", "10.42.42.2"
-TUN_SERVER6, TUN_CLIENT6 = "fd42::1", "fd42::2"
-
-
-class TunnelPair:
-    """A multitun server in ``bed.server`` and a client in ``bed.client``, with
-    their logs in ``logdir``. ``stop()`` (or leaving the ``with``) ends both."""
-
-    def __init__(self, bed: Bed, logdir: Path, port: int = 5678,
-                 server_extra: tuple[str, ...] = (), client_extra: tuple[str, ...] = (),
-                 command: list[str] | None = None) -> None:
-        """``command``: run this program instead of multitun, with the original
-        C++ tool's flags only (-l, -s, -c, -p), to compare tunnels on one bed."""
-        self.bed, self.logdir, self.port, self.command = bed, Path(logdir), port, command
-        ipv6 = () if command else ("-l", f"{TUN_SERVER6}/64")
-        self.server_args = ["-l", TUN_SERVER, *ipv6, "-s", "0.0.0.0", "-p", str(port),
-                            *server_extra]
-        ipv6 = () if command else ("-l", f"{TUN_CLIENT6}/64")
-        self.client_args = ["-l", TUN_CLIENT, *ipv6, "-c", bed.client_endpoints(),
-                            "-p", str(port), *client_extra]
-        self.server: subprocess.Popen | None = None
-        self.client: subprocess.Popen | None = None
-        self._starts = itertools.count()
-
-    def __enter__(self) -> TunnelPair:
-        self.start_server()
-        self.start_client()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
-    def _start(self, side: str) -> subprocess.Popen:
-        ns = self.bed.server if side == "server" else self.bed.client
-        args = self.server_args if side == "server" else self.client_args
-        log = open(self.logdir / f"{side}.{next(self._starts)}.log", "wb")
-        with log:
-            if self.command:
-                return self.bed.popen(ns, [*self.command, *args], stdout=log,
-                                      stderr=subprocess.STDOUT)
-            return self.bed.multitun(ns, args, stdout=log, stderr=subprocess.STDOUT)
-
-    def start_server(self) -> None:
-        self.server = self._start("server")
-
-    def start_client(self) -> None:
-        self.client = self._start("client")
-
-    def stop_server(self, sig: int = signal.SIGTERM) -> int:
-        return _end(self.server, sig)
-
-    def stop_client(self, sig: int = signal.SIGTERM) -> int:
-        return _end(self.client, sig)
-
-    def stop(self) -> None:
-        for proc in (self.client, self.server):
-            if proc is not None and proc.poll() is None:
-                _end(proc, signal.SIGTERM)
-
-    def logs(self, side: str) -> str:
-        return "".join(p.read_text() for p in sorted(self.logdir.glob(f"{side}.*.log")))
-
-    def wait_log(self, side: str, text: str, timeout: float = 5.0) -> str:
-        """Wait until ``text`` is in ``side``'s logs; the logs."""
-        deadline = time.monotonic() + timeout
-        while text not in (logs := self.logs(side)):
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"{text!r} not logged by the {side} within {timeout:g}s:\n{logs}")
-            time.sleep(0.05)
-        return logs
-
-    def wait_carrying(self, timeout: float = 10.0, v6: bool = False) -> float:
-        """Seconds until a datagram sent client -> server arrives through the tunnel."""
-        return wait_udp(self.bed, self.bed.client, self.bed.server,
-                        TUN_SERVER6 if v6 else TUN_SERVER, timeout)
-
-
-def _end(proc: subprocess.Popen | None, sig: int) -> int:
-    if proc is None:
-        raise RuntimeError("not started")
-    if proc.poll() is None:
-        proc.send_signal(sig)
-    try:
-        return proc.wait(10)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        return proc.wait()
-
-
-# ------------------------------------------------------------ traffic tools
+from .bed import Bed, _serial
+from .process import end
 
 def _family(addr: str) -> int:
     return socket.AF_INET6 if ":" in addr else socket.AF_INET
@@ -572,7 +280,7 @@ def udp_flood(bed: Bed, src_ns: str, dst_ns: str, dst: str, size: int,
                             capture_output=True, text=True, check=True)
         received, span = rx.stdout.readline().split()
     finally:
-        _end(rx, signal.SIGTERM)
+        end(rx, signal.SIGTERM)
         rx.stdout.close()
     sent = int(tx.stdout)
     return {"size": size, "sent": sent, "received": int(received),
@@ -602,7 +310,7 @@ def tcp_throughput(bed: Bed, src_ns: str, dst_ns: str, dst: str, seconds: float 
         if out.returncode or "error" in result:
             raise RuntimeError(f"iperf3 failed: {result.get('error', out.stderr.strip())}")
     finally:
-        _end(server, signal.SIGTERM)
+        end(server, signal.SIGTERM)
     return result["end"]["sum_received"]["bits_per_second"] / 1e9
 
 

@@ -1,0 +1,23 @@
+"""The lab: multitun's test beds and the tools that measure across them.
+
+- ``bed``: a client and a server network namespace joined by up to three paths,
+  each a veth pair or an emulated link (multitun.emulator), always torn down;
+- ``tunnel_pair``: a multitun server and client (or another tunnel) across a bed;
+- ``traffic``: ping, UDP streams and floods, one-way latency probes, TCP
+  transfers (iperf3 when installed), and percentiles of what they measured.
+
+The test suite, the benchmarks and ``multitun demo`` are built on it.
+"""
+
+from .bed import PATH_NETS, Bed, BedPath
+from .traffic import (
+    Transfer, latency_probe, percentile, ping, ping_interleaved, summarise, tcp_throughput,
+    tcp_transfer, udp_flood, udp_stream, wait_udp,
+)
+from .tunnel_pair import TUN_CLIENT, TUN_CLIENT6, TUN_SERVER, TUN_SERVER6, TunnelPair
+
+__all__ = [
+    "PATH_NETS", "Bed", "BedPath", "Transfer", "TUN_CLIENT", "TUN_CLIENT6", "TUN_SERVER",
+    "TUN_SERVER6", "TunnelPair", "latency_probe", "percentile", "ping", "ping_interleaved",
+    "summarise", "tcp_throughput", "tcp_transfer", "udp_flood", "udp_stream", "wait_udp",
+]

@@ -1,0 +1,90 @@
+"""A multitun server and client running across a bed."""
+
+from __future__ import annotations
+
+import itertools
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+from .bed import Bed
+from .process import end
+from .traffic import wait_udp
+
+
+TUN_SERVER, TUN_CLIENT = "10.42.42.1", "10.42.42.2"
+TUN_SERVER6, TUN_CLIENT6 = "fd42::1", "fd42::2"
+
+
+class TunnelPair:
+    """A multitun server in ``bed.server`` and a client in ``bed.client``, with
+    their logs in ``logdir``. ``stop()`` (or leaving the ``with``) ends both."""
+
+    def __init__(self, bed: Bed, logdir: Path, port: int = 5678,
+                 server_extra: tuple[str, ...] = (), client_extra: tuple[str, ...] = (),
+                 command: list[str] | None = None) -> None:
+        """``command``: run this program instead of multitun, with the original
+        C++ tool's flags only (-l, -s, -c, -p), to compare tunnels on one bed."""
+        self.bed, self.logdir, self.port, self.command = bed, Path(logdir), port, command
+        ipv6 = () if command else ("-l", f"{TUN_SERVER6}/64")
+        self.server_args = ["-l", TUN_SERVER, *ipv6, "-s", "0.0.0.0", "-p", str(port),
+                            *server_extra]
+        ipv6 = () if command else ("-l", f"{TUN_CLIENT6}/64")
+        self.client_args = ["-l", TUN_CLIENT, *ipv6, "-c", bed.client_endpoints(),
+                            "-p", str(port), *client_extra]
+        self.server: subprocess.Popen | None = None
+        self.client: subprocess.Popen | None = None
+        self._starts = itertools.count()
+
+    def __enter__(self) -> TunnelPair:
+        self.start_server()
+        self.start_client()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def _start(self, side: str) -> subprocess.Popen:
+        ns = self.bed.server if side == "server" else self.bed.client
+        args = self.server_args if side == "server" else self.client_args
+        log = open(self.logdir / f"{side}.{next(self._starts)}.log", "wb")
+        with log:
+            if self.command:
+                return self.bed.popen(ns, [*self.command, *args], stdout=log,
+                                      stderr=subprocess.STDOUT)
+            return self.bed.multitun(ns, args, stdout=log, stderr=subprocess.STDOUT)
+
+    def start_server(self) -> None:
+        self.server = self._start("server")
+
+    def start_client(self) -> None:
+        self.client = self._start("client")
+
+    def stop_server(self, sig: int = signal.SIGTERM) -> int:
+        return end(self.server, sig)
+
+    def stop_client(self, sig: int = signal.SIGTERM) -> int:
+        return end(self.client, sig)
+
+    def stop(self) -> None:
+        for proc in (self.client, self.server):
+            if proc is not None and proc.poll() is None:
+                end(proc, signal.SIGTERM)
+
+    def logs(self, side: str) -> str:
+        return "".join(p.read_text() for p in sorted(self.logdir.glob(f"{side}.*.log")))
+
+    def wait_log(self, side: str, text: str, timeout: float = 5.0) -> str:
+        """Wait until ``text`` is in ``side``'s logs; the logs."""
+        deadline = time.monotonic() + timeout
+        while text not in (logs := self.logs(side)):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{text!r} not logged by the {side} within {timeout:g}s:\n{logs}")
+            time.sleep(0.05)
+        return logs
+
+    def wait_carrying(self, timeout: float = 10.0, v6: bool = False) -> float:
+        """Seconds until a datagram sent client -> server arrives through the tunnel."""
+        return wait_udp(self.bed, self.bed.client, self.bed.server,
+                        TUN_SERVER6 if v6 else TUN_SERVER, timeout)
