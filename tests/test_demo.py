@@ -1,6 +1,7 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -14,11 +15,18 @@ def namespaces():
 
 
 def test_demo_tunnel_beats_every_link(tmp_path):
+    # Run as a user would, by the installed command, from a directory holding a
+    # `multitun` source tree that is not the installed package (a checkout
+    # without the compiled module): what the demo starts must not pick it up.
+    decoy = tmp_path / "multitun"
+    decoy.mkdir()
+    (decoy / "__init__.py").write_text("raise ImportError('the decoy was imported')\n")
     before = namespaces()
     report, png = tmp_path / "r.json", tmp_path / "r.png"
-    proc = subprocess.run([sys.executable, "-m", "multitun", "demo", "--duration", "20",
+    command = Path(sys.executable).parent / "multitun"
+    proc = subprocess.run([command, "demo", "--duration", "20",
                            "--json", str(report), "--plot", str(png)],
-                          capture_output=True, text=True, timeout=120, cwd="/")
+                          capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert "all links up; measuring for 20 s" in proc.stdout
     assert proc.stdout.count("s  lte ") >= 15  # a live line about every second

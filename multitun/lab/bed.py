@@ -126,7 +126,7 @@ class Bed:
             config = json.dumps({"seed": self.seed, "links": links})
             self.emulator = self.popen(self.mid, [sys.executable, "-m", "multitun.emulator",
                                                   config], stdout=subprocess.PIPE,
-                                       env=_same_package_env())
+                                       cwd=PACKAGE_ROOT)
             ready = json.loads(self.emulator.stdout.readline() or "{}")
             if not ready.get("ready"):
                 raise RuntimeError("the path emulator did not start")
@@ -166,8 +166,7 @@ class Bed:
 
     def multitun(self, ns: str, args: list[str], **kw: object) -> subprocess.Popen:
         """Start ``python -m multitun ARGS`` in ``ns``."""
-        return self.popen(ns, [sys.executable, "-m", "multitun", *args],
-                          env=_same_package_env(), **kw)
+        return self.popen(ns, [sys.executable, "-m", "multitun", *args], cwd=PACKAGE_ROOT, **kw)
 
     def set_link(self, ns: str, ifname: str, up: bool) -> None:
         with IPRoute(netns=ns) as ipr:
@@ -186,12 +185,11 @@ class Bed:
         return ",".join(f"{p.client_ip}:{p.server_ip}" for p in self.paths)
 
 
-def _same_package_env() -> dict:
-    """An environment in which ``python -m multitun...`` runs the very package
-    this process imported (installed or a source tree), whatever the cwd."""
-    here = str(Path(__file__).resolve().parent.parent)
-    return {**os.environ, "PYTHONPATH": os.pathsep.join(
-        filter(None, [here, os.environ.get("PYTHONPATH")]))}
+# The directory that holds the multitun package this process imported (site-
+# packages, or a source tree). Processes the lab starts run there: `python -m`
+# puts the working directory first on sys.path, so they import the same package
+# whatever the caller's own working directory holds.
+PACKAGE_ROOT = Path(__file__).resolve().parents[2]
 
 
 def _wire_sized_frames(ns: str, ifname: str) -> None:
