@@ -49,6 +49,8 @@ class build_py_with_man_page(build_py):
 extension = Extension(
     "multitun._fastpath",
     ["multitun/_fastpath.pyx"],
+    # ChaCha20-Poly1305 for sealed packets comes from OpenSSL's libcrypto.
+    libraries=["crypto"],
     extra_compile_args=["-O2"] + (["-g", "-O0"] if debug else []),
     define_macros=[("CYTHON_TRACE_NOGIL", "1")] if debug else [],
 )

@@ -16,6 +16,7 @@ import time
 import pytest
 
 from multitun.emulator import Impairment
+from multitun.keyfile import generate_key
 from multitun.lab import (
     TUN_SERVER, Bed, TunnelPair, latency_probe, ping_interleaved, summarise, tcp_throughput,
     tcp_transfer, udp_flood, udp_stream,
@@ -174,3 +175,32 @@ def test_path_outage(benchmark, tunnel_cmd, tmp_path):
            duplicates=len(received) - len(set(received)))
     if tunnel_cmd is None:
         assert lost == 0 and len(received) == 3000
+
+
+SEALED_ROUNDS = 3
+
+
+def test_sealed_throughput_ratio(benchmark, tmp_path):
+    """One TCP stream through the two-path tunnel sealed (--key-file) against
+    the same tunnel in clear, on one bed, the two alternating."""
+    key = tmp_path / "key"
+    key.write_text(generate_key())
+    key.chmod(0o600)
+    modes = {"clear": (), "sealed": ("--key-file", str(key))}
+    rounds = {mode: [] for mode in modes}
+    with Bed(2) as bed:
+        def measure():
+            for i in range(SEALED_ROUNDS):
+                for mode, extra in modes.items():
+                    logs = tmp_path / f"{mode}{i}"
+                    logs.mkdir()
+                    with TunnelPair(bed, logs, server_extra=extra, client_extra=extra) as pair:
+                        pair.wait_carrying()
+                        rounds[mode].append(tcp_throughput(bed, bed.client, bed.server,
+                                                           TUN_SERVER))
+
+        benchmark.pedantic(measure, rounds=1, iterations=1)
+    clear, sealed = statistics.median(rounds["clear"]), statistics.median(rounds["sealed"])
+    record(benchmark, scenario="tcp-sealed", clear_gbit_s=round(clear, 2),
+           sealed_gbit_s=round(sealed, 2), ratio=round(sealed / clear, 3))
+    assert sealed / clear >= 0.7

@@ -2,6 +2,8 @@
 
 import array
 
+import pytest
+
 from multitun import _fastpath, _reference, wire
 
 # Two paths' worth: every number twice, the second copy a little late.
@@ -43,12 +45,14 @@ def test_header_codec_reference(benchmark):
     assert benchmark(wire.unpack_header, datagram).seq == 12345
 
 
-def test_engine_batch(benchmark):
+@pytest.mark.parametrize("keyed", [False, True], ids=["clear", "sealed"])
+def test_engine_batch(benchmark, keyed):
     """64 packets of 1400 bytes through two engines on loopback (socketpairs
-    as TUNs): the data plane's whole path, syscalls included, without devices."""
+    as TUNs): the data plane's whole path, syscalls (and sealing) included,
+    without devices."""
     from tests.engine_pair import EnginePair, ipv4
 
-    pair = EnginePair()
+    pair = EnginePair(keyed=keyed)
     packets = [ipv4(i) for i in range(64)]
 
     def batch():

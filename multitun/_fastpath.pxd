@@ -5,21 +5,44 @@ from libc.stdint cimport uint8_t, uint32_t, uint64_t
 from .includes.linux cimport (
     epoll_event, iovec, mmsghdr, sockaddr_storage, socklen_t,
 )
+from .includes.openssl cimport EVP_CIPHER_CTX
 
 cdef enum:
-    VERSION = 1
+    # Version 1: no key, everything in clear. Version 2: --key-file, every
+    # packet sealed (docs/PROTOCOL.md).
+    VERSION_PLAIN = 1
+    VERSION_SEALED = 2
     HEADER_LEN = 16
     MAX_PATHS = 16
     T_DATA = 1
     T_PROBE = 2
     T_PROBE_REPLY = 3
-    PROBE_MIN_PAYLOAD = 8
+    T_HANDSHAKE_INIT = 4
+    T_HANDSHAKE_RESPONSE = 5
+    PROBE_MIN_PAYLOAD = 16
     PROBE_MAX_PAYLOAD = 64
+    # ChaCha20-Poly1305 (RFC 8439): 32-byte keys, 16-byte tags, 12-byte nonces.
+    KEY_LEN = 32
+    TAG_LEN = 16
+    NONCE_LEN = 12
+    # Handshake messages (multitun/noise.py): header + ephemeral key + sealed
+    # timestamp; header + ephemeral key + empty sealed payload. A response is
+    # shorter than the request it answers: no amplification.
+    HANDSHAKE_INIT_LEN = HEADER_LEN + 32 + 8 + TAG_LEN
+    HANDSHAKE_RESPONSE_LEN = HEADER_LEN + 32 + TAG_LEN
+    # Key slots: what we send with; the one before it (its packets may still
+    # be in flight); a responder's new keys, unused until the initiator shows
+    # it has them (its first packet under them).
+    K_CURRENT = 0
+    K_PREVIOUS = 1
+    K_NEXT = 2
+    KEY_SLOTS = 3
     # Packets handled per syscall batch. Only what is already queued is taken:
     # a batch is never waited for.
     BATCH = 64
-    # One buffer slot holds the largest datagram (65535) plus our header.
-    SLOT = 65536 + HEADER_LEN
+    # One buffer slot holds the largest datagram (65535) plus our header and
+    # an authentication tag.
+    SLOT = 65536 + HEADER_LEN + TAG_LEN
     # 1024 words = 65536 sequence numbers: at 100k packets/s the paths may
     # differ by 0.65 s of delay before a late first copy counts as too old.
     WINDOW_WORDS = 1024
@@ -41,6 +64,13 @@ cdef enum:
     # epoll tags for the fds that are not path sockets.
     TAG_TUN = 1000
     TAG_WAKE = 1001
+
+cdef struct Header:
+    uint8_t version
+    uint8_t ptype
+    uint8_t path
+    uint32_t session
+    uint64_t seq
 
 cdef struct Window:
     uint64_t top
@@ -94,12 +124,41 @@ cdef struct TunnelCounters:
     uint64_t gso_fallbacks
     uint64_t session_changes
     uint64_t endpoint_changes
+    # Sealed mode: failed authentication, and packets of the other mode (a
+    # peer with no key while we have one, or the reverse).
+    uint64_t auth_failed
+    uint64_t key_mismatch
+    uint64_t no_key
+    uint64_t key_changes
+
+cdef struct Keypair:
+    # id 0: the slot is empty. The id travels in the header's session field.
+    uint32_t id
+    EVP_CIPHER_CTX *seal
+    EVP_CIPHER_CTX *open
+    # The sequence number is the nonce: never reused under one key.
+    uint64_t tx_seq
+    uint64_t installed_ns
+    uint64_t last_rx_ns
+    uint64_t rx_packets
+    # The replay window of this key's packets (de-duplication too).
+    Window win
+
+cdef struct ReturnAddress:
+    # Where a control packet came from, to answer it before its path is
+    # known (a handshake from a client the server has not learned yet).
+    int fd
+    sockaddr_storage addr
+    socklen_t addrlen
+    uint64_t cmsg[CMSG_WORDS]
+    size_t cmsglen
 
 cdef struct ControlPacket:
     int path
     uint64_t rx_ns
     size_t length
     uint8_t data[HEADER_LEN + PROBE_MAX_PAYLOAD]
+    ReturnAddress source
 
 cdef class ReplayWindow:
     cdef Window w
@@ -116,6 +175,10 @@ cdef class Engine:
     cdef uint32_t prev_session
     cdef uint64_t tx_seq
     cdef Window win
+    # Sealed mode (version 2): keys installed by the control plane.
+    cdef bint keyed
+    cdef Keypair keyring[KEY_SLOTS]
+    cdef sockaddr_storage rejected_addr
     cdef TunnelCounters ctr
     cdef ControlPacket ctrl[CTRL_SLOTS]
     cdef int nctrl
@@ -144,8 +207,18 @@ cdef class Engine:
     cdef int _send_one(self, int path, const uint8_t *data, size_t n) noexcept nogil
     cdef int _paths_to_tun(self, int sock) noexcept nogil
     cdef void _receive(self, int sock, uint8_t *p, size_t n, mmsghdr *m, uint64_t now) noexcept nogil
+    cdef void _receive_plain(self, int sock, Header *h, uint8_t *p, size_t n, mmsghdr *m, uint64_t now) noexcept nogil
+    cdef void _receive_sealed(self, int sock, Header *h, uint8_t *p, size_t n, mmsghdr *m, uint64_t now) noexcept nogil
+    cdef void _count_rx(self, int path, size_t n, uint64_t now) noexcept nogil
+    cdef void _deliver(self, int path, int verdict, uint8_t *p, size_t n) noexcept nogil
+    cdef void _on_probe(self, int path, Header *h, uint8_t *p, size_t n, mmsghdr *m, uint64_t now) noexcept nogil
+    cdef Keypair *_keypair(self, uint32_t id) noexcept nogil
+    cdef void _confirmed(self, Keypair *kp) noexcept nogil
+    cdef void _rejected(self, mmsghdr *m) noexcept nogil
+    cdef size_t _put_probe(self, uint8_t *p, uint8_t ptype, int path, uint64_t number,
+                           const uint8_t *payload, size_t payload_len) noexcept nogil
     cdef int _endpoint_for(self, int sock, int path, mmsghdr *m) noexcept nogil
     cdef void _learn(self, int sock, int path, mmsghdr *m) noexcept nogil
     cdef void _adopt_session(self, uint32_t session) noexcept nogil
-    cdef void _reply_probe(self, int path, uint8_t *pkt, size_t n) noexcept nogil
-    cdef void _queue_control(self, int path, uint8_t *pkt, size_t n, uint64_t now) noexcept nogil
+    cdef void _queue_control(self, int path, uint8_t *pkt, size_t n, uint64_t now,
+                             int fd, mmsghdr *m) noexcept nogil

@@ -3,14 +3,21 @@
 
 One ``Engine`` moves packets between a TUN fd and the path sockets:
 
-    TUN --read()--> header --sendmmsg()--> every path that has an endpoint
-    path socket --recvmmsg()--> check header, source, session --> window --> write() TUN
+    TUN --read()--> header [--seal] --sendmmsg()--> every path that has an endpoint
+    path socket --recvmmsg()--> check header, source, key or session --> window
+        [--open] --> write() TUN
 
 ``Engine.run()`` loops under ``nogil`` until its timeout, a wake-up fd turns
 readable (Python's signal.set_wakeup_fd), or control packets are waiting for
 Python. Nothing in the loop creates a Python object; buffers are allocated once.
 Syscall errors become OSError only after the GIL is back. A send error on one
 path is counted against that path and never ends the loop.
+
+With a key (sealed mode, protocol version 2) every packet is sealed with
+ChaCha20-Poly1305 through libcrypto's EVP interface, under keys the control
+plane derives by handshake (multitun/noise.py) and installs here. A packet is
+opened only after the replay window says its number is new, so the copies of
+a packet that lose the race cost no cryptography.
 
 The wire format is in multitun/wire.py and docs/PROTOCOL.md.
 """
@@ -20,7 +27,7 @@ from libc.errno cimport (
 )
 from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t
 from libc.stdlib cimport malloc, free
-from libc.string cimport memcpy, memset, memcmp
+from libc.string cimport memcpy, memmove, memset, memcmp
 from posix.unistd cimport read, write, close
 
 cdef extern from "<sched.h>" nogil:
@@ -28,6 +35,7 @@ cdef extern from "<sched.h>" nogil:
 
 
 from .includes.linux cimport *
+from .includes.openssl cimport *
 
 import ipaddress
 import os
@@ -38,20 +46,26 @@ cdef enum:
     W_DUPLICATE = 1
     W_TOO_OLD = 2
 
-cdef struct Header:
-    uint8_t ptype
-    uint8_t path
-    uint32_t session
-    uint64_t seq
+# What parse_header() makes of a datagram.
+cdef enum:
+    H_OK = 0
+    H_MALFORMED = 1
+    # Well formed, but of the other mode: a peer without a key while we have
+    # one, or the reverse.
+    H_OTHER_MODE = 2
+
+# A key seals at most this many packets (a 64-bit counter never wraps in
+# practice, and the control plane rekeys every two minutes anyway).
+cdef uint64_t REJECT_AFTER_MESSAGES = 0xFFFFFFFFFFFFE000ULL
 
 
 # ---------------------------------------------------------------- header codec
 
-cdef inline void put_header(uint8_t *p, uint8_t ptype, uint8_t path,
+cdef inline void put_header(uint8_t *p, uint8_t version, uint8_t ptype, uint8_t path,
                             uint32_t session, uint64_t seq) noexcept nogil:
     cdef uint32_t s = htobe32(session)
     cdef uint64_t q = htobe64(seq)
-    p[0] = VERSION
+    p[0] = version
     p[1] = ptype
     p[2] = path
     p[3] = 0
@@ -59,58 +73,205 @@ cdef inline void put_header(uint8_t *p, uint8_t ptype, uint8_t path,
     memcpy(p + 8, &q, 8)
 
 
-cdef inline bint parse_header(const uint8_t *p, size_t n, Header *h) noexcept nogil:
-    """Validate a datagram the way wire.unpack_header does; False if malformed."""
+cdef inline bint payload_fits(uint8_t ptype, const uint8_t *payload, size_t n) noexcept nogil:
+    """What a payload in clear must be: DATA an IP packet (with IFF_NO_PI the
+    TUN takes the protocol from the first nibble), probes 16..64 bytes."""
+    cdef uint8_t ipver
+    if ptype == T_DATA:
+        if n < 1:
+            return False
+        ipver = payload[0] >> 4
+        return (ipver == 4 and n >= 20) or (ipver == 6 and n >= 40)
+    if ptype == T_PROBE or ptype == T_PROBE_REPLY:
+        return PROBE_MIN_PAYLOAD <= n <= PROBE_MAX_PAYLOAD
+    return False
+
+
+cdef inline bint sealed_length_fits(uint8_t ptype, size_t n) noexcept nogil:
+    """What can be checked of a sealed datagram before opening it: its length."""
+    if ptype == T_DATA:
+        return n >= HEADER_LEN + TAG_LEN + 20
+    if ptype == T_PROBE or ptype == T_PROBE_REPLY:
+        return HEADER_LEN + TAG_LEN + PROBE_MIN_PAYLOAD <= n <= HEADER_LEN + TAG_LEN + PROBE_MAX_PAYLOAD
+    if ptype == T_HANDSHAKE_INIT:
+        return n == HANDSHAKE_INIT_LEN
+    if ptype == T_HANDSHAKE_RESPONSE:
+        return n == HANDSHAKE_RESPONSE_LEN
+    return False
+
+
+cdef inline int parse_header(const uint8_t *p, size_t n, Header *h, bint keyed) noexcept nogil:
+    """Validate a datagram the way wire.unpack_header does: H_OK, H_MALFORMED,
+    or H_OTHER_MODE for a well-formed packet of the mode we are not in."""
     cdef uint32_t s
     cdef uint64_t q
-    cdef size_t payload
-    cdef uint8_t ipver
-    if n < HEADER_LEN or p[0] != VERSION or p[3] != 0 or p[2] >= MAX_PATHS:
-        return False
+    cdef bint fits
+    if n < HEADER_LEN or p[3] != 0 or p[2] >= MAX_PATHS:
+        return H_MALFORMED
     memcpy(&s, p + 4, 4)
     memcpy(&q, p + 8, 8)
+    h.version = p[0]
     h.ptype = p[1]
     h.path = p[2]
     h.session = be32toh(s)
     h.seq = be64toh(q)
     if h.session == 0:
-        return False
-    payload = n - HEADER_LEN
-    if h.ptype == T_DATA:
-        # With IFF_NO_PI the TUN takes the protocol from the first nibble.
-        if payload < 1:
-            return False
-        ipver = p[HEADER_LEN] >> 4
-        return (ipver == 4 and payload >= 20) or (ipver == 6 and payload >= 40)
-    if h.ptype == T_PROBE or h.ptype == T_PROBE_REPLY:
-        return PROBE_MIN_PAYLOAD <= payload <= PROBE_MAX_PAYLOAD
-    return False
+        return H_MALFORMED
+    if h.version == VERSION_PLAIN:
+        fits = payload_fits(h.ptype, p + HEADER_LEN, n - HEADER_LEN)
+    elif h.version == VERSION_SEALED:
+        fits = sealed_length_fits(h.ptype, n)
+    else:
+        return H_MALFORMED
+    if not fits:
+        return H_MALFORMED
+    if (h.version == VERSION_SEALED) != keyed:
+        return H_OTHER_MODE
+    return H_OK
 
 
-def pack_header(int ptype, int path, uint32_t session, uint64_t seq):
+def pack_header(int ptype, int path, uint32_t session, uint64_t seq,
+                int version=VERSION_PLAIN):
     """Compiled twin of wire.pack_header (for tests and benchmarks)."""
     cdef uint8_t buf[HEADER_LEN]
-    put_header(buf, <uint8_t>ptype, <uint8_t>path, session, seq)
+    put_header(buf, <uint8_t>version, <uint8_t>ptype, <uint8_t>path, session, seq)
     return bytes(buf[:HEADER_LEN])
 
 
 def unpack_header(const uint8_t[:] datagram):
-    """Compiled twin of wire.unpack_header: (type, path, session, seq), or
-    ValueError when the datagram is malformed."""
+    """Compiled twin of wire.unpack_header: (type, path, session, seq, version),
+    or ValueError when the datagram is malformed. A version-2 datagram is
+    checked as sealed (its length only)."""
     cdef Header h
-    if not parse_header(&datagram[0] if datagram.shape[0] else NULL,
-                        datagram.shape[0], &h):
+    cdef const uint8_t *p = &datagram[0] if datagram.shape[0] else NULL
+    cdef bint sealed = datagram.shape[0] > 0 and p[0] == VERSION_SEALED
+    if parse_header(p, datagram.shape[0], &h, sealed) != H_OK:
         raise ValueError("malformed datagram")
-    return (h.ptype, h.path, h.session, h.seq)
+    return (h.ptype, h.path, h.session, h.seq, h.version)
+
+
+# ----------------------------------------------------------------------- AEAD
+# ChaCha20-Poly1305 through EVP (EVP_EncryptInit(3), "AEAD INTERFACE"). A
+# context is keyed once; each packet only sets the nonce. The nonce is
+# Noise's for ChaChaPoly: 32 zero bits, then the 64-bit sequence number
+# little-endian. Sealing and opening work in place (out == in is allowed).
+
+cdef EVP_CIPHER_CTX *new_cipher(const uint8_t *key, int seal) noexcept nogil:
+    cdef EVP_CIPHER_CTX *ctx = EVP_CIPHER_CTX_new()
+    if ctx != NULL and EVP_CipherInit_ex(ctx, EVP_chacha20_poly1305(), NULL,
+                                         key, NULL, seal) != 1:
+        EVP_CIPHER_CTX_free(ctx)
+        return NULL
+    return ctx
+
+
+cdef bint aead(EVP_CIPHER_CTX *ctx, bint seal, uint64_t seq, const uint8_t *ad,
+               size_t adlen, uint8_t *data, size_t n, uint8_t *tag) noexcept nogil:
+    """Seal or open data[:n] in place. Sealing writes the tag; opening checks
+    it and returns False if the packet is not authentic."""
+    cdef uint8_t nonce[NONCE_LEN]
+    cdef uint8_t tail[TAG_LEN]
+    cdef uint64_t le = htole64(seq)
+    cdef int outl
+    memset(nonce, 0, 4)
+    memcpy(nonce + 4, &le, 8)
+    if EVP_CipherInit_ex(ctx, NULL, NULL, NULL, nonce, -1) != 1:
+        return False
+    if not seal and EVP_CIPHER_CTX_ctrl(ctx, EVP_CTRL_AEAD_SET_TAG, TAG_LEN, tag) != 1:
+        return False
+    if adlen and EVP_CipherUpdate(ctx, NULL, &outl, ad, <int>adlen) != 1:
+        return False
+    if n and EVP_CipherUpdate(ctx, data, &outl, data, <int>n) != 1:
+        return False
+    if EVP_CipherFinal_ex(ctx, tail, &outl) != 1:
+        return False
+    return not seal or EVP_CIPHER_CTX_ctrl(ctx, EVP_CTRL_AEAD_GET_TAG, TAG_LEN, tag) == 1
+
+
+cdef inline bint seal_packet(Keypair *kp, uint8_t *p, size_t n, uint64_t seq) noexcept nogil:
+    """Seal datagram p[:n] (header included) under kp; the tag goes at p[n].
+    The header is the associated data, with DATA's path byte as 0: one
+    ciphertext serves every path, and the sender patches the byte per path."""
+    cdef uint8_t ad[HEADER_LEN]
+    memcpy(ad, p, HEADER_LEN)
+    if ad[1] == T_DATA:
+        ad[2] = 0
+    return aead(kp.seal, True, seq, ad, HEADER_LEN, p + HEADER_LEN, n - HEADER_LEN, p + n)
+
+
+cdef inline bint open_packet(Keypair *kp, uint8_t *p, size_t n, uint64_t seq) noexcept nogil:
+    """Open sealed datagram p[:n] in place; its plaintext is p[:n - TAG_LEN]."""
+    cdef uint8_t ad[HEADER_LEN]
+    memcpy(ad, p, HEADER_LEN)
+    if ad[1] == T_DATA:
+        ad[2] = 0
+    return aead(kp.open, False, seq, ad, HEADER_LEN, p + HEADER_LEN,
+                n - HEADER_LEN - TAG_LEN, p + n - TAG_LEN)
+
+
+cdef void clear_keypair(Keypair *kp) noexcept nogil:
+    # EVP_CIPHER_CTX_free cleanses the key schedule before freeing it.
+    EVP_CIPHER_CTX_free(kp.seal)
+    EVP_CIPHER_CTX_free(kp.open)
+    memset(kp, 0, sizeof(Keypair))
+
+
+def aead_seal(const uint8_t[:] key, uint64_t seq, const uint8_t[:] ad,
+              const uint8_t[:] plaintext):
+    """The data plane's AEAD, sealing: ciphertext + tag (for tests against
+    other implementations)."""
+    return _aead_once(key, True, seq, ad, plaintext)
+
+
+def aead_open(const uint8_t[:] key, uint64_t seq, const uint8_t[:] ad,
+              const uint8_t[:] sealed):
+    """The data plane's AEAD, opening: the plaintext, or ValueError."""
+    if sealed.shape[0] < TAG_LEN:
+        raise ValueError("shorter than a tag")
+    return _aead_once(key, False, seq, ad, sealed)
+
+
+cdef bytes _aead_once(const uint8_t[:] key, bint seal, uint64_t seq,
+                      const uint8_t[:] ad, const uint8_t[:] data):
+    cdef EVP_CIPHER_CTX *ctx
+    cdef size_t n = data.shape[0] - (0 if seal else TAG_LEN)
+    cdef bytearray buf = bytearray(data.shape[0] + (TAG_LEN if seal else 0))
+    cdef uint8_t *b = buf
+    cdef bint ok
+    if key.shape[0] != KEY_LEN:
+        raise ValueError(f"a key is {KEY_LEN} bytes")
+    if data.shape[0]:
+        memcpy(b, &data[0], data.shape[0])
+    ctx = new_cipher(&key[0], seal)
+    if ctx == NULL:
+        raise MemoryError()
+    ok = aead(ctx, seal, seq, &ad[0] if ad.shape[0] else NULL, ad.shape[0], b, n, b + n)
+    EVP_CIPHER_CTX_free(ctx)
+    if not ok:
+        raise ValueError("authentication failed")
+    return bytes(buf[:n + (TAG_LEN if seal else 0)])
 
 
 # ------------------------------------------------------- de-duplication window
 # RFC 6479: a ring of 64-bit words; moving forward clears only the words that
 # slide out, so a test-and-set is O(1) whatever the jump. One word is slack.
 
-cdef inline int window_check(Window *w, uint64_t seq) noexcept nogil:
-    cdef uint64_t cur, diff, i, bit
-    cdef size_t index
+cdef inline int window_test(const Window *w, uint64_t seq) noexcept nogil:
+    """The verdict on seq, changing nothing (a sealed packet is marked only
+    once it has proved authentic)."""
+    if seq > w.top:
+        return W_NEW
+    if w.top - seq >= <uint64_t>(WINDOW_WORDS * 64 - 64):
+        return W_TOO_OLD
+    if w.words[(seq >> 6) & (WINDOW_WORDS - 1)] & ((<uint64_t>1) << (seq & 63)):
+        return W_DUPLICATE
+    return W_NEW
+
+
+cdef inline void window_mark(Window *w, uint64_t seq) noexcept nogil:
+    """Record seq as seen (window_test said W_NEW), sliding the window forward
+    if seq is the newest yet."""
+    cdef uint64_t cur, diff, i
     if seq > w.top:
         cur = w.top >> 6
         diff = (seq >> 6) - cur
@@ -121,14 +282,14 @@ cdef inline int window_check(Window *w, uint64_t seq) noexcept nogil:
             w.words[(cur + i) & (WINDOW_WORDS - 1)] = 0
             i += 1
         w.top = seq
-    elif w.top - seq >= <uint64_t>(WINDOW_WORDS * 64 - 64):
-        return W_TOO_OLD
-    index = (seq >> 6) & (WINDOW_WORDS - 1)
-    bit = (<uint64_t>1) << (seq & 63)
-    if w.words[index] & bit:
-        return W_DUPLICATE
-    w.words[index] |= bit
-    return W_NEW
+    w.words[(seq >> 6) & (WINDOW_WORDS - 1)] |= (<uint64_t>1) << (seq & 63)
+
+
+cdef inline int window_check(Window *w, uint64_t seq) noexcept nogil:
+    cdef int verdict = window_test(w, seq)
+    if verdict == W_NEW:
+        window_mark(w, seq)
+    return verdict
 
 
 cdef class ReplayWindow:
@@ -257,10 +418,12 @@ cdef class Engine:
     per path (path i is socket i). A server passes its one listening socket;
     its endpoints are learned from probes, path by path. ``run()`` returns
     when any of ``wake_fds`` is readable (signals, status requests).
+    ``keyed`` engines speak protocol version 2 only and send nothing until
+    the control plane installs keys.
     """
 
     def __cinit__(self, int tun_fd, socks, bint server, uint32_t session,
-                  wake_fds=(), bint gso=False, int busy_poll_us=0):
+                  wake_fds=(), bint gso=False, int busy_poll_us=0, bint keyed=False):
         cdef int i
         cdef epoll_event ev
         if session == 0:
@@ -275,6 +438,7 @@ cdef class Engine:
         self.tun_fd = tun_fd
         self.server = server
         self.session = session
+        self.keyed = keyed
         self.busy_poll_ns = <uint64_t>busy_poll_us * 1000
         self.nsocks = len(socks)
         for i in range(MAX_PATHS):
@@ -311,6 +475,9 @@ cdef class Engine:
             raise OSError(errno, os.strerror(errno))
 
     def __dealloc__(self):
+        cdef int i
+        for i in range(KEY_SLOTS):
+            clear_keypair(&self.keyring[i])
         if self.epfd >= 0:
             close(self.epfd)
         free(self.txbuf)
@@ -338,19 +505,130 @@ cdef class Engine:
         return rc
 
     def take_control(self):
-        """The queued control packets as [(path, rx_ns, datagram)], oldest first."""
+        """The queued control packets, oldest first, as (path, rx_ns, datagram,
+        source, reply_to): probe replies (opened, in sealed mode) and
+        handshakes. ``source`` is the sender's (host, port); ``reply_to`` is
+        for send_back()."""
         cdef int i
-        out = [(self.ctrl[i].path, self.ctrl[i].rx_ns,
-                bytes(self.ctrl[i].data[:self.ctrl[i].length]))
-               for i in range(self.nctrl)]
+        cdef ControlPacket *c
+        out = []
+        for i in range(self.nctrl):
+            c = &self.ctrl[i]
+            out.append((c.path, c.rx_ns, bytes(c.data[:c.length]),
+                        sockaddr_to_tuple(&c.source.addr),
+                        bytes((<uint8_t *>&c.source)[:sizeof(ReturnAddress)])))
         self.nctrl = 0
         return out
 
     def send_control(self, int path, const uint8_t[:] datagram):
-        """Send one control datagram on a path; 0 or the errno it failed with."""
+        """Send one datagram as it is on a path; 0 or the errno it failed with."""
         if not 0 <= path < MAX_PATHS or self.eps[path].fd < 0:
             raise ValueError(f"no endpoint on path {path}")
         return self._send_one(path, &datagram[0], datagram.shape[0])
+
+    def send_back(self, const uint8_t[:] reply_to, const uint8_t[:] datagram):
+        """Send a datagram to where a control packet came from (take_control's
+        ``reply_to``), from the address it was sent to; 0 or an errno."""
+        cdef ReturnAddress ra
+        cdef msghdr m
+        cdef iovec v
+        cdef int i
+        if reply_to.shape[0] != sizeof(ReturnAddress):
+            raise ValueError("not a reply_to from take_control()")
+        memcpy(&ra, &reply_to[0], sizeof(ReturnAddress))
+        for i in range(self.nsocks):
+            if self.socks[i] == ra.fd:
+                break
+        else:
+            raise ValueError("not a reply_to from take_control()")
+        v.iov_base = <void *>&datagram[0]
+        v.iov_len = datagram.shape[0]
+        memset(&m, 0, sizeof(msghdr))
+        m.msg_iov = &v
+        m.msg_iovlen = 1
+        m.msg_name = &ra.addr
+        m.msg_namelen = ra.addrlen
+        if ra.cmsglen:
+            m.msg_control = ra.cmsg
+            m.msg_controllen = ra.cmsglen
+        if sendmsg(ra.fd, &m, MSG_DONTWAIT) < 0:
+            return errno
+        return 0
+
+    def send_probe(self, int path, uint64_t number, uint64_t timestamp_ns):
+        """Probe a path: the payload is the timestamp and the probe's number.
+        0, the errno the send failed with, or ENOKEY (sealed mode, no key yet)."""
+        cdef uint8_t buf[HEADER_LEN + PROBE_MIN_PAYLOAD + TAG_LEN]
+        cdef uint8_t payload[PROBE_MIN_PAYLOAD]
+        cdef uint64_t t = htobe64(timestamp_ns), q = htobe64(number)
+        cdef size_t n
+        if not 0 <= path < MAX_PATHS or self.eps[path].fd < 0:
+            raise ValueError(f"no endpoint on path {path}")
+        memcpy(payload, &t, 8)
+        memcpy(payload + 8, &q, 8)
+        n = self._put_probe(buf, T_PROBE, path, number, payload, PROBE_MIN_PAYLOAD)
+        if n == 0:
+            return ENOKEY
+        return self._send_one(path, buf, n)
+
+    # ---------------------------------------------------------------- keys
+
+    def install_keys(self, uint32_t key_id, const uint8_t[:] send_key,
+                     const uint8_t[:] receive_key, bint confirmed):
+        """Install the keys of a handshake. ``confirmed`` (the initiator, who
+        has seen the response): they become current at once and the current
+        ones previous. Not confirmed (the responder): they wait in the next
+        slot until the first authentic packet under them arrives."""
+        cdef Keypair *kp
+        cdef EVP_CIPHER_CTX *seal
+        cdef EVP_CIPHER_CTX *open_
+        if not self.keyed:
+            raise ValueError("this engine has no keys (keyed=False)")
+        if key_id == 0 or self._keypair(key_id) != NULL:
+            raise ValueError(f"key id {key_id:#x} is 0 or in use")
+        if send_key.shape[0] != KEY_LEN or receive_key.shape[0] != KEY_LEN:
+            raise ValueError(f"keys are {KEY_LEN} bytes")
+        seal = new_cipher(&send_key[0], 1)
+        open_ = new_cipher(&receive_key[0], 0)
+        if seal == NULL or open_ == NULL:
+            EVP_CIPHER_CTX_free(seal)
+            EVP_CIPHER_CTX_free(open_)
+            raise MemoryError("libcrypto could not set up ChaCha20-Poly1305")
+        if confirmed:
+            clear_keypair(&self.keyring[K_PREVIOUS])
+            self.keyring[K_PREVIOUS] = self.keyring[K_CURRENT]
+            kp = &self.keyring[K_CURRENT]
+            self.ctr.key_changes += 1
+        else:
+            clear_keypair(&self.keyring[K_NEXT])
+            kp = &self.keyring[K_NEXT]
+        memset(kp, 0, sizeof(Keypair))
+        kp.id = key_id
+        kp.seal = seal
+        kp.open = open_
+        kp.installed_ns = now_ns()
+
+    def drop_keys(self, uint32_t key_id):
+        """Forget the keys with this id (expired); True if there were any."""
+        cdef Keypair *kp = self._keypair(key_id) if key_id else NULL
+        if kp == NULL:
+            return False
+        clear_keypair(kp)
+        return True
+
+    def keys(self):
+        """The installed keys: slot name, id, age and use."""
+        cdef int i
+        cdef uint64_t t = now_ns()
+        out = []
+        for i, slot in enumerate(("current", "previous", "next")):
+            if self.keyring[i].id:
+                out.append({"slot": slot, "id": self.keyring[i].id,
+                            "age_s": (t - self.keyring[i].installed_ns) / 1e9,
+                            "tx_seq": self.keyring[i].tx_seq,
+                            "rx_packets": self.keyring[i].rx_packets,
+                            "last_rx_ns": self.keyring[i].last_rx_ns})
+        return out
 
     def set_remote(self, int path, const uint8_t[:] address, int port, bint connected):
         """Client: path ``path`` sends to ``address`` (4 or 16 packed bytes)
@@ -390,7 +668,8 @@ cdef class Engine:
     def stats(self):
         cdef dict d = self.ctr
         return dict(d, session=self.session, peer_session=self.peer_session,
-                    tx_seq=self.tx_seq)
+                    tx_seq=self.tx_seq, keyed=self.keyed, key_id=self.keyring[K_CURRENT].id,
+                    rejected_from=sockaddr_to_tuple(&self.rejected_addr))
 
     def paths(self):
         """Per-path endpoint and counters, for every path ever used."""
@@ -470,10 +749,11 @@ cdef class Engine:
         cdef int n = 0, path, err = 0
         cdef ssize_t r
         cdef uint8_t *p
+        cdef Keypair *kp = &self.keyring[K_CURRENT]
         # Take only what is queued now (EAGAIN ends the batch): never wait.
         while n < BATCH:
             p = self.txbuf + n * SLOT
-            r = read(self.tun_fd, p + HEADER_LEN, SLOT - HEADER_LEN)
+            r = read(self.tun_fd, p + HEADER_LEN, SLOT - HEADER_LEN - TAG_LEN)
             if r < 0:
                 if errno == EINTR:
                     continue
@@ -482,11 +762,24 @@ cdef class Engine:
                 break
             if r == 0:
                 break
-            self.tx_seq += 1
-            put_header(p, T_DATA, 0, self.session, self.tx_seq)
-            self.txlen[n] = <size_t>r + HEADER_LEN
             self.ctr.tun_rx_packets += 1
             self.ctr.tun_rx_bytes += <uint64_t>r
+            if not self.keyed:
+                self.tx_seq += 1
+                put_header(p, VERSION_PLAIN, T_DATA, 0, self.session, self.tx_seq)
+                self.txlen[n] = <size_t>r + HEADER_LEN
+            else:
+                # No key yet (handshake under way) or this one is used up:
+                # the packet cannot leave. Sealed once, sent on every path.
+                if kp.id == 0 or kp.tx_seq >= REJECT_AFTER_MESSAGES:
+                    self.ctr.no_key += 1
+                    continue
+                kp.tx_seq += 1
+                put_header(p, VERSION_SEALED, T_DATA, 0, kp.id, kp.tx_seq)
+                if not seal_packet(kp, p, <size_t>r + HEADER_LEN, kp.tx_seq):
+                    self.ctr.no_key += 1
+                    continue
+                self.txlen[n] = <size_t>r + HEADER_LEN + TAG_LEN
             n += 1
         if n:
             self.ctr.tun_batches += 1
@@ -665,33 +958,97 @@ cdef class Engine:
                        uint64_t now) noexcept nogil:
         """One datagram: check it, then deliver, drop or hand it up."""
         cdef Header h
-        cdef Endpoint *ep
-        cdef int path, verdict
-        cdef ssize_t w
-        if not parse_header(p, n, &h):
-            self.ctr.malformed += 1
+        cdef int verdict = parse_header(p, n, &h, self.keyed)
+        if verdict == H_OK:
+            if self.keyed:
+                self._receive_sealed(sock, &h, p, n, m, now)
+            else:
+                self._receive_plain(sock, &h, p, n, m, now)
             return
+        if verdict == H_OTHER_MODE:
+            self.ctr.key_mismatch += 1
+            self._rejected(m)
+        else:
+            self.ctr.malformed += 1
+
+    cdef void _receive_plain(self, int sock, Header *h, uint8_t *p, size_t n,
+                             mmsghdr *m, uint64_t now) noexcept nogil:
+        cdef int path
         if h.ptype != T_DATA and self.server:
             self._learn(sock, h.path, m)
         path = self._endpoint_for(sock, h.path, m)
         if path < 0:
             self.ctr.unknown_source += 1
             return
-        ep = &self.eps[path]
+        self._count_rx(path, n, now)
+        if h.ptype != T_DATA:
+            self._adopt_session(h.session)
+            self._on_probe(path, h, p, n, m, now)
+        elif h.session != self.peer_session:
+            self.ctr.wrong_session += 1
+        else:
+            self._deliver(path, window_check(&self.win, h.seq), p, n)
+
+    cdef void _receive_sealed(self, int sock, Header *h, uint8_t *p, size_t n,
+                              mmsghdr *m, uint64_t now) noexcept nogil:
+        cdef Keypair *kp
+        cdef int path, verdict
+        cdef bint probe_to_server = self.server and h.ptype != T_DATA
+        if probe_to_server:
+            # Probes and handshakes name their path; a server learns where it
+            # is only from one that proves authentic (below, or in Python).
+            path = h.path
+        else:
+            path = self._endpoint_for(sock, h.path, m)
+            if path < 0:
+                self.ctr.unknown_source += 1
+                return
+        if h.ptype == T_HANDSHAKE_INIT or h.ptype == T_HANDSHAKE_RESPONSE:
+            self._queue_control(path, p, n, now, self.socks[sock], m)
+            return
+        kp = self._keypair(h.session)
+        if kp == NULL:
+            self.ctr.wrong_session += 1
+            return
+        # The window first: a copy that lost the race, or a replay, is
+        # dropped without spending a decryption on it.
+        verdict = window_test(&kp.win, h.seq)
+        if verdict == W_NEW:
+            if not open_packet(kp, p, n, h.seq):
+                self.ctr.auth_failed += 1
+                self._rejected(m)
+                return
+            if not payload_fits(h.ptype, p + HEADER_LEN, n - HEADER_LEN - TAG_LEN):
+                self.ctr.malformed += 1  # authentic, but not what the protocol allows
+                return
+            window_mark(&kp.win, h.seq)
+            kp.rx_packets += 1
+            kp.last_rx_ns = now
+            self._confirmed(kp)
+            if probe_to_server:
+                self._learn(sock, path, m)
+        elif h.ptype != T_DATA:
+            # Probes are never sent twice: this is a replay.
+            self.ctr.duplicates += 1
+            return
+        self._count_rx(path, n, now)
+        n -= TAG_LEN
+        if h.ptype != T_DATA:
+            self._on_probe(path, h, p, n, m, now)
+        else:
+            self._deliver(path, verdict, p, n)
+
+    cdef void _count_rx(self, int path, size_t n, uint64_t now) noexcept nogil:
+        cdef Endpoint *ep = &self.eps[path]
         ep.c.rx_packets += 1
         ep.c.rx_bytes += n
         ep.c.last_rx_ns = now
-        if h.ptype != T_DATA:
-            self._adopt_session(h.session)
-            if h.ptype == T_PROBE:
-                self._reply_probe(path, p, n)
-            else:
-                self._queue_control(path, p, n, now)
-            return
-        if h.session != self.peer_session:
-            self.ctr.wrong_session += 1
-            return
-        verdict = window_check(&self.win, h.seq)
+
+    cdef void _deliver(self, int path, int verdict, uint8_t *p, size_t n) noexcept nogil:
+        """DATA p[:n] (in clear) that the window judged: write it to the TUN
+        if it is the first copy, else count it."""
+        cdef Endpoint *ep = &self.eps[path]
+        cdef ssize_t w
         if verdict == W_NEW:
             while True:
                 w = write(self.tun_fd, p + HEADER_LEN, n - HEADER_LEN)
@@ -708,6 +1065,30 @@ cdef class Engine:
             ep.c.duplicates += 1
         else:
             self.ctr.too_old += 1
+
+    cdef Keypair *_keypair(self, uint32_t id) noexcept nogil:
+        cdef int i
+        for i in range(KEY_SLOTS):
+            if self.keyring[i].id == id:
+                return &self.keyring[i]
+        return NULL
+
+    cdef void _confirmed(self, Keypair *kp) noexcept nogil:
+        """An authentic packet arrived under kp. If kp was waiting in the next
+        slot, the initiator has the keys too: they become current."""
+        if kp != &self.keyring[K_NEXT]:
+            return
+        clear_keypair(&self.keyring[K_PREVIOUS])
+        self.keyring[K_PREVIOUS] = self.keyring[K_CURRENT]
+        self.keyring[K_CURRENT] = self.keyring[K_NEXT]
+        memset(&self.keyring[K_NEXT], 0, sizeof(Keypair))
+        self.ctr.key_changes += 1
+        self.event = True
+
+    cdef void _rejected(self, mmsghdr *m) noexcept nogil:
+        # Who sent the last packet that failed authentication or was of the
+        # other mode, for the control plane's (rate-limited) log line.
+        memcpy(&self.rejected_addr, m.msg_hdr.msg_name, m.msg_hdr.msg_namelen)
 
     cdef int _endpoint_for(self, int sock, int path, mmsghdr *m) noexcept nogil:
         """The path a datagram belongs to, or -1 if its source is not that
@@ -748,18 +1129,44 @@ cdef class Engine:
         self.ctr.session_changes += 1
         self.event = True
 
-    cdef void _reply_probe(self, int path, uint8_t *pkt, size_t n) noexcept nogil:
-        # Echo the whole probe (same size: no amplification) with our session;
-        # answered here, not in Python, so the RTT has no interpreter in it.
-        cdef uint8_t reply[HEADER_LEN + PROBE_MAX_PAYLOAD]
-        cdef uint32_t s = htobe32(self.session)
-        memcpy(reply, pkt, n)
-        reply[1] = T_PROBE_REPLY
-        memcpy(reply + 4, &s, 4)
-        self._send_one(path, reply, n)
+    cdef size_t _put_probe(self, uint8_t *p, uint8_t ptype, int path, uint64_t number,
+                           const uint8_t *payload, size_t payload_len) noexcept nogil:
+        """Build a probe or probe reply in p; its length, or 0 when sealed mode
+        has no key to send with. In clear the header carries the probe's
+        number; sealed, a fresh sequence number of the current key (the
+        number is in the payload either way)."""
+        cdef Keypair *kp = &self.keyring[K_CURRENT]
+        cdef size_t n = HEADER_LEN + payload_len
+        memmove(p + HEADER_LEN, payload, payload_len)
+        if not self.keyed:
+            put_header(p, VERSION_PLAIN, ptype, <uint8_t>path, self.session, number)
+            return n
+        if kp.id == 0 or kp.tx_seq >= REJECT_AFTER_MESSAGES:
+            return 0
+        kp.tx_seq += 1
+        put_header(p, VERSION_SEALED, ptype, <uint8_t>path, kp.id, kp.tx_seq)
+        if not seal_packet(kp, p, n, kp.tx_seq):
+            return 0
+        return n + TAG_LEN
 
-    cdef void _queue_control(self, int path, uint8_t *pkt, size_t n,
-                             uint64_t now) noexcept nogil:
+    cdef void _on_probe(self, int path, Header *h, uint8_t *p, size_t n, mmsghdr *m,
+                        uint64_t now) noexcept nogil:
+        """A probe (in clear now) is answered here, not in Python, so that
+        the round trip has no interpreter in it: the same payload back, so
+        the reply is exactly as long as the probe (no amplification). A
+        reply goes up to Python for the path's health."""
+        cdef uint8_t reply[HEADER_LEN + PROBE_MAX_PAYLOAD + TAG_LEN]
+        cdef size_t r
+        if h.ptype == T_PROBE:
+            r = self._put_probe(reply, T_PROBE_REPLY, path, h.seq,
+                                p + HEADER_LEN, n - HEADER_LEN)
+            if r:
+                self._send_one(path, reply, r)
+        else:
+            self._queue_control(path, p, n, now, self.eps[path].fd, m)
+
+    cdef void _queue_control(self, int path, uint8_t *pkt, size_t n, uint64_t now,
+                             int fd, mmsghdr *m) noexcept nogil:
         cdef ControlPacket *c
         if self.nctrl == CTRL_SLOTS:
             self.ctr.control_dropped += 1
@@ -769,13 +1176,21 @@ cdef class Engine:
         c.rx_ns = now
         c.length = n
         memcpy(c.data, pkt, n)
+        c.source.fd = fd
+        memcpy(&c.source.addr, m.msg_hdr.msg_name, m.msg_hdr.msg_namelen)
+        c.source.addrlen = m.msg_hdr.msg_namelen
+        c.source.cmsglen = sticky_source(&m.msg_hdr, c.source.cmsg)
         self.nctrl += 1
 
 
 CONSTANTS = {
-    "VERSION": VERSION, "HEADER_LEN": HEADER_LEN, "MAX_PATHS": MAX_PATHS,
+    "VERSION_PLAIN": VERSION_PLAIN, "VERSION_SEALED": VERSION_SEALED,
+    "HEADER_LEN": HEADER_LEN, "MAX_PATHS": MAX_PATHS,
     "T_DATA": T_DATA, "T_PROBE": T_PROBE, "T_PROBE_REPLY": T_PROBE_REPLY,
+    "T_HANDSHAKE_INIT": T_HANDSHAKE_INIT, "T_HANDSHAKE_RESPONSE": T_HANDSHAKE_RESPONSE,
     "PROBE_MIN_PAYLOAD": PROBE_MIN_PAYLOAD, "PROBE_MAX_PAYLOAD": PROBE_MAX_PAYLOAD,
+    "KEY_LEN": KEY_LEN, "TAG_LEN": TAG_LEN,
+    "HANDSHAKE_INIT_LEN": HANDSHAKE_INIT_LEN, "HANDSHAKE_RESPONSE_LEN": HANDSHAKE_RESPONSE_LEN,
 }
 
 WAKE = {"timeout": WAKE_TIMEOUT, "fd": WAKE_FD, "control": WAKE_CONTROL,

@@ -28,15 +28,20 @@ from .config import (
     parse_tun_address,
 )
 from .errors import ConfigError, SetupError
+from .keyfile import load_key
 
 EXAMPLES = """\
 other commands:
   multitun demo         a tunnel over two paths in network namespaces, measured
   multitun status       paths and counters of the instance in this namespace
+  multitun genkey       print a new key for --key-file
 
 examples:
   server, TUN 10.42.42.1/24, UDP port 5678 on every address:
     multitun -l 10.42.42.1 -s 0.0.0.0 -p 5678
+  the same, sealed with a key both ends hold (copy the file to the client):
+    (umask 077; multitun genkey > /etc/multitun.key)
+    multitun -l 10.42.42.1 -s 0.0.0.0 --key-file /etc/multitun.key
   client with two paths (local address:server address):
     multitun -l 10.42.42.2 -c 192.168.123.2:192.168.123.1,10.0.0.2:10.0.0.1 -p 5678
   IPv6 inside the tunnel too, and an IPv6 path:
@@ -134,9 +139,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="accepted for compatibility; multitun never blocks on a path")
     p.add_argument("--dev", default=DEFAULT_DEV, metavar="NAME",
                    help="TUN device name; %%d picks a free number (default %(default)s)")
+    p.add_argument("--key-file", type=_checked(load_key), metavar="FILE",
+                   help="authenticate and encrypt every packet with the key in this file "
+                        "(made by `multitun genkey`; both ends need the same one; it must "
+                        "not be readable by other users); without it the tunnel is in clear")
     p.add_argument("--mtu", type=_checked(_mtu), metavar="BYTES",
                    help="TUN MTU (default: fits a 1500-byte path unfragmented: "
-                        "1456 over IPv4 paths, 1436 over IPv6)")
+                        "1456 over IPv4 paths, 1436 over IPv6; 16 less with --key-file)")
     p.add_argument("--probe-interval", type=_checked(_seconds), default=DEFAULT_PROBE_INTERVAL,
                    metavar="SECONDS",
                    help=f"probe (keepalive) every path this often (default {DEFAULT_PROBE_INTERVAL:g})")
@@ -245,6 +254,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
         down_after=args.down_after,
         busy_poll_us=args.busy_poll_us,
         metrics=args.metrics,
+        key=args.key_file,
     ).check()
 
 
@@ -256,6 +266,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if argv[:1] == ["status"]:
         from . import status
         return status.main(argv[1:])
+    if argv[:1] == ["genkey"]:
+        from . import keyfile
+        return keyfile.main(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

@@ -7,7 +7,7 @@ the CLI turns it into one line on stderr and exit status 2.
 from __future__ import annotations
 
 import ipaddress
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from . import wire
 from .errors import ConfigError
@@ -58,6 +58,8 @@ class Config:
     down_after: float | None = None
     busy_poll_us: int | None = None
     metrics: tuple[str, int] | None = None
+    # The pre-shared key (--key-file): None runs version 1, in clear.
+    key: bytes | None = field(default=None, repr=False)
 
     @property
     def is_server(self) -> bool:
@@ -74,11 +76,13 @@ class Config:
     def effective_mtu(self) -> int:
         """--mtu, or the largest TUN MTU whose datagrams fit a 1500-byte path
         unfragmented: 1500 - IP header (20, or 40 if any path is IPv6) - UDP 8 -
-        multitun header 16 = 1456 (1436)."""
+        multitun header 16 = 1456 (1436); 16 less with a key, for the
+        authentication tag: 1440 (1420)."""
         if self.mtu is not None:
             return self.mtu
         ip = max(IP_HEADER[v] for v in self.outer_families)
-        return PATH_MTU - ip - UDP_HEADER - wire.HEADER_LEN
+        tag = wire.TAG_LEN if self.key is not None else 0
+        return PATH_MTU - ip - UDP_HEADER - wire.HEADER_LEN - tag
 
     @property
     def effective_busy_poll_us(self) -> int:

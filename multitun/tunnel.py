@@ -12,6 +12,7 @@ packet.
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
 import secrets
@@ -27,6 +28,7 @@ from .config import Config
 from .device import TunDevice
 from .errors import SetupError
 from .health import LOST_AFTER_INTERVALS, PathHealth
+from .keying import ClientKeying, Keying, ServerKeying
 from .metrics import MetricsServer
 from .paths import (
     connect_client_socket, enable_udp_gro, open_client_socket, open_server_socket,
@@ -67,7 +69,10 @@ class Tunnel:
         self._seen_errors: dict[int, int] = {}
         self._gso_refused: set[int] = set()
         self._seen_sessions = 0
+        self._seen_key_changes = 0
+        self._seen_rejections = (0, 0, 0)
         self._next_error_summary = 0.0
+        self.keying: Keying | None = None
 
     def stop(self, signum: int = 0, frame: object = None) -> None:
         self.stopping = True
@@ -96,7 +101,10 @@ class Tunnel:
             self.engine = Engine(
                 device.fd, [s.fileno() for s in socks], cfg.is_server, new_session(),
                 (wake_fd, self.status.fileno()), gso=gso,
-                busy_poll_us=cfg.effective_busy_poll_us)
+                busy_poll_us=cfg.effective_busy_poll_us, keyed=cfg.key is not None)
+            if cfg.key is not None:
+                keying = ServerKeying if cfg.is_server else ClientKeying
+                self.keying = keying(self.engine, cfg.key)
             self.socks, self._gso, self._wake_fd = socks, gso, wake_fd
             if not cfg.is_server:
                 for i in range(len(cfg.paths)):
@@ -157,6 +165,13 @@ class Tunnel:
                      "on" if gro else "not supported by this kernel")
         if cfg.metrics:
             log.info("metrics on http://%s/metrics", _hostport(*cfg.metrics))
+        if self.keying:
+            log.info("sealed: ChaCha20-Poly1305 under keys from a Noise_NNpsk0 handshake "
+                     "with the key file's key")
+        else:
+            log.warning("no --key-file: the tunnel is neither authenticated nor encrypted; "
+                        "anyone on a path can read it, and anyone who can reach the server "
+                        "can inject into it (docs/SECURITY.md)")
 
     def _log_totals(self) -> None:
         s = self.engine.stats()
@@ -170,8 +185,13 @@ class Tunnel:
 
     def _log_events(self) -> None:
         """Say what changed: a peer (re)started, an endpoint learned or moved,
-        a path refused UDP GSO."""
+        a path refused UDP GSO, the client confirmed new keys."""
         stats = self.engine.stats()
+        if self.config.is_server and stats["key_changes"] != self._seen_key_changes:
+            log.log(logging.INFO if self._seen_key_changes == 0 else logging.DEBUG,
+                    "client confirmed keys %08x", stats["key_id"],
+                    extra=_event("keys_confirmed", key_id=f"{stats['key_id']:08x}"))
+            self._seen_key_changes = stats["key_changes"]
         if stats["session_changes"] != self._seen_sessions:
             first = self._seen_sessions == 0
             log.info("peer %s session %08x", "started" if first else "restarted: new",
@@ -202,13 +222,15 @@ class Tunnel:
             flags = engine.run(int(wait * 1000) + 1)
             if flags & WAKE["event"]:
                 self._log_events()
-            for path, rx_ns, datagram in engine.take_control():
-                self._on_control(path, rx_ns, datagram)
+            for control in engine.take_control():
+                self._on_control(*control)
             if flags & WAKE["fd"]:
                 _drain(self._wake_fd)
                 self.status.serve(self.snapshot)
             now = time.monotonic()
             if now >= next_probe:
+                if self.keying:
+                    self.keying.tick(now)
                 self._probe()
                 if self.config.metrics:  # what the scrape thread reads
                     self.published = self.snapshot()
@@ -229,17 +251,27 @@ class Tunnel:
         for p in engine.paths():
             if p["active"]:
                 i = p["path"]
-                self.health.setdefault(i, self._new_health()).sent(self.probe_seq, now_ns)
-                engine.send_control(i, wire.probe(i, engine.session, self.probe_seq, now_ns))
+                # ENOKEY: sealed, and no handshake yet; nothing was sent.
+                if engine.send_probe(i, self.probe_seq, now_ns) != errno.ENOKEY:
+                    self.health.setdefault(i, self._new_health()).sent(self.probe_seq, now_ns)
 
-    def _on_control(self, path: int, rx_ns: int, datagram: bytes) -> None:
-        header = wire.unpack_header(datagram)
-        health = self.health.get(path)
-        if header.type != wire.PacketType.PROBE_REPLY or health is None:
-            return
-        rtt_ns = rx_ns - wire.probe_timestamp(datagram)
-        log.debug("path %d: probe %d answered in %.0f us", path, header.seq, rtt_ns / 1000)
-        if health.answered(header.seq, rtt_ns, rx_ns):
+    def _on_control(self, path: int, rx_ns: int, datagram: bytes, source: tuple | None,
+                    reply_to: bytes) -> None:
+        ptype = wire.peek_header(datagram).type
+        if ptype == wire.PacketType.HANDSHAKE_INIT and isinstance(self.keying, ServerKeying):
+            self.keying.on_init(path, datagram, source, reply_to, time.monotonic())
+        elif ptype == wire.PacketType.HANDSHAKE_RESPONSE and isinstance(self.keying, ClientKeying):
+            if self.keying.on_response(path, datagram, source):
+                self._probe()  # the server's first authentic packets under the new keys
+        elif ptype == wire.PacketType.PROBE_REPLY and path in self.health:
+            self._on_probe_reply(path, rx_ns, datagram)
+
+    def _on_probe_reply(self, path: int, rx_ns: int, datagram: bytes) -> None:
+        health = self.health[path]
+        timestamp_ns, number = wire.probe_payload(datagram)
+        rtt_ns = rx_ns - timestamp_ns
+        log.debug("path %d: probe %d answered in %.0f us", path, number, rtt_ns / 1000)
+        if health.answered(number, rtt_ns, rx_ns):
             log.info("path %d up: round trip %.3f ms", path, rtt_ns / 1e6,
                      extra=_event("path_up", path=path, rtt_ms=round(rtt_ns / 1e6, 3)))
 
@@ -262,11 +294,36 @@ class Tunnel:
                             extra=_event("send_errors", path=i, count=errors))
                 self._seen_errors[i] = p["send_errors"]
         if summarise:
+            self._log_rejections()
             self._next_error_summary = now + ERROR_SUMMARY_INTERVAL
         if not cfg.is_server:
             for i, sock in enumerate(self.socks):
                 if not _is_connected(sock) and self._connect(i, retry=True):
                     log.info("path %d (%s): connected", i, cfg.paths[i])
+
+    def _log_rejections(self) -> None:
+        """One line per summary interval when packets fail authentication or
+        come from a peer of the other mode, naming the last sender."""
+        stats = self.engine.stats()
+        handshakes = self.keying.rejected if self.keying else None
+        counts = (stats["auth_failed"], stats["key_mismatch"],
+                  handshakes.auth_failed if handshakes else 0)
+        failed, mismatched, refused = (c - seen for c, seen in zip(counts, self._seen_rejections))
+        self._seen_rejections = counts
+        if failed or refused:
+            source = handshakes.last_source if refused else stats["rejected_from"]
+            log.warning("authentication failing: %d packets and %d handshakes in the last %gs, "
+                        "last from %s (a sender without our key)", failed, refused,
+                        ERROR_SUMMARY_INTERVAL, _hostport(*source) if source else "?",
+                        extra=_event("auth_failed", packets=failed, handshakes=refused,
+                                     source=_hostport(*source) if source else None))
+        if mismatched:
+            source = stats["rejected_from"]
+            log.warning("%d packets in the last %gs from %s %s", mismatched,
+                        ERROR_SUMMARY_INTERVAL, _hostport(*source) if source else "?",
+                        "in clear: the peer has no --key-file" if self.keying else
+                        "sealed: the peer has a --key-file and this side has none",
+                        extra=_event("key_mismatch", packets=mismatched))
 
     # -------------------------------------------------------------- reports
 
@@ -295,7 +352,8 @@ class Tunnel:
             })
         tunnel_keys = ("tun_rx_packets", "tun_rx_bytes", "delivered", "delivered_bytes",
                        "duplicates", "too_old", "malformed", "wrong_session", "unknown_source",
-                       "tun_write_errors", "send_dropped")
+                       "tun_write_errors", "send_dropped", "auth_failed", "key_mismatch",
+                       "no_key")
         return {
             "version": __version__, "role": "server" if cfg.is_server else "client",
             "dev": self.dev, "pid": os.getpid(),
@@ -303,6 +361,7 @@ class Tunnel:
             "session": f"{stats['session']:08x}",
             "peer_session": f"{stats['peer_session']:08x}" if stats["peer_session"] else None,
             "tunnel": {k: stats[k] for k in tunnel_keys},
+            "security": self.keying.snapshot() if self.keying else {"keyed": False},
             "paths": paths,
         }
 

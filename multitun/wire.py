@@ -1,4 +1,4 @@
-"""The multitun wire format, version 1 (docs/PROTOCOL.md is the normative text).
+"""The multitun wire format, versions 1 and 2 (docs/PROTOCOL.md is the normative text).
 
 Every datagram on a path starts with this 16-byte header, all fields big-endian:
 
@@ -6,6 +6,10 @@ Every datagram on a path starts with this 16-byte header, all fields big-endian:
     +-------+-------+-------+-------+---------------+----------------------+
     |version| type  | path  | flags |  session (32) |  sequence (64)       |
     +-------+-------+-------+-------+---------------+----------------------+
+
+Version 1 is in clear (no key). Version 2 (--key-file) seals every payload with
+ChaCha20-Poly1305 and adds handshake messages; the header stays in clear, as the
+associated data.
 
 This module is the control plane's codec and the reference the compiled data plane
 (``multitun._fastpath``) is tested against; both must agree on every byte.
@@ -17,23 +21,33 @@ import enum
 import struct
 from typing import NamedTuple
 
-VERSION = 1
+VERSION_PLAIN = 1
+VERSION_SEALED = 2
 HEADER_LEN = 16
+TAG_LEN = 16
+KEY_LEN = 32
 # Paths are numbered 0..MAX_PATHS-1 in the header's path byte.
 MAX_PATHS = 16
-# Probe payloads carry at least the sender's timestamp; a reply echoes the whole
-# payload, so it is never larger than the probe (no amplification).
-PROBE_MIN_PAYLOAD = 8
+# Probe payloads carry the sender's timestamp and the probe's number; a reply
+# echoes the whole payload, so it is never larger than the probe (no
+# amplification).
+PROBE_MIN_PAYLOAD = 16
 PROBE_MAX_PAYLOAD = 64
+# Version 2 handshake messages (multitun/noise.py): an ephemeral public key and
+# a sealed timestamp; an ephemeral public key and an empty sealed payload.
+HANDSHAKE_INIT_LEN = HEADER_LEN + 32 + 8 + TAG_LEN
+HANDSHAKE_RESPONSE_LEN = HEADER_LEN + 32 + TAG_LEN
 
 _HEADER = struct.Struct("!BBBBIQ")
-_TIMESTAMP = struct.Struct("!Q")
+_PROBE_PAYLOAD = struct.Struct("!QQ")
 
 
 class PacketType(enum.IntEnum):
     DATA = 1
     PROBE = 2
     PROBE_REPLY = 3
+    HANDSHAKE_INIT = 4  # version 2 only
+    HANDSHAKE_RESPONSE = 5  # version 2 only
 
 
 class Header(NamedTuple):
@@ -41,57 +55,87 @@ class Header(NamedTuple):
     path: int
     session: int
     seq: int
+    version: int = VERSION_PLAIN
 
 
 class MalformedPacket(ValueError):
-    """A datagram that is not a valid multitun version-1 packet."""
+    """A datagram that is not a valid multitun packet."""
 
 
-def pack_header(type: int, path: int, session: int, seq: int) -> bytes:
-    return _HEADER.pack(VERSION, type, path, 0, session, seq)
+def pack_header(type: int, path: int, session: int, seq: int,
+                version: int = VERSION_PLAIN) -> bytes:
+    return _HEADER.pack(version, type, path, 0, session, seq)
 
 
 def unpack_header(datagram: bytes) -> Header:
-    """Parse and validate a header; raise MalformedPacket naming the first fault."""
+    """Parse and validate a header; raise MalformedPacket naming the first fault.
+    A version-2 datagram is checked as it travels, sealed: by its length."""
     if len(datagram) < HEADER_LEN:
         raise MalformedPacket("short datagram")
     version, ptype, path, flags, session, seq = _HEADER.unpack_from(datagram)
-    if version != VERSION:
+    if version not in (VERSION_PLAIN, VERSION_SEALED):
         raise MalformedPacket(f"version {version}")
-    if ptype not in _TYPES:
-        raise MalformedPacket(f"type {ptype}")
     if path >= MAX_PATHS:
         raise MalformedPacket(f"path {path}")
     if flags:
         raise MalformedPacket(f"flags {flags:#x}")
     if session == 0:
         raise MalformedPacket("session 0")
-    payload = len(datagram) - HEADER_LEN
+    if version == VERSION_PLAIN:
+        _check_payload(ptype, datagram[HEADER_LEN:])
+    else:
+        _check_sealed_length(ptype, len(datagram))
+    return Header(ptype, path, session, seq, version)
+
+
+def peek_header(datagram: bytes) -> Header:
+    """The header of a datagram the engine has already checked (and, sealed,
+    opened): what it hands up to the control plane."""
+    version, ptype, path, _, session, seq = _HEADER.unpack_from(datagram)
+    return Header(ptype, path, session, seq, version)
+
+
+def _check_payload(ptype: int, payload: bytes) -> None:
     if ptype == PacketType.DATA:
-        if not _valid_ip_packet(datagram, HEADER_LEN):
+        if not _valid_ip_packet(payload):
             raise MalformedPacket("payload is not an IP packet")
-    elif not PROBE_MIN_PAYLOAD <= payload <= PROBE_MAX_PAYLOAD:
-        raise MalformedPacket(f"probe payload of {payload} bytes")
-    return Header(ptype, path, session, seq)
+    elif ptype in (PacketType.PROBE, PacketType.PROBE_REPLY):
+        if not PROBE_MIN_PAYLOAD <= len(payload) <= PROBE_MAX_PAYLOAD:
+            raise MalformedPacket(f"probe payload of {len(payload)} bytes")
+    else:
+        raise MalformedPacket(f"type {ptype}")
 
 
-_TYPES = frozenset(int(t) for t in PacketType)
+def _check_sealed_length(ptype: int, n: int) -> None:
+    sealed = HEADER_LEN + TAG_LEN
+    limits = {
+        PacketType.DATA: (sealed + 20, 65535),
+        PacketType.PROBE: (sealed + PROBE_MIN_PAYLOAD, sealed + PROBE_MAX_PAYLOAD),
+        PacketType.PROBE_REPLY: (sealed + PROBE_MIN_PAYLOAD, sealed + PROBE_MAX_PAYLOAD),
+        PacketType.HANDSHAKE_INIT: (HANDSHAKE_INIT_LEN, HANDSHAKE_INIT_LEN),
+        PacketType.HANDSHAKE_RESPONSE: (HANDSHAKE_RESPONSE_LEN, HANDSHAKE_RESPONSE_LEN),
+    }.get(ptype)
+    if limits is None:
+        raise MalformedPacket(f"type {ptype}")
+    if not limits[0] <= n <= limits[1]:
+        raise MalformedPacket(f"sealed type {ptype} of {n} bytes")
 
 
-def _valid_ip_packet(buf: bytes, offset: int) -> bool:
+def _valid_ip_packet(payload: bytes) -> bool:
     # The TUN device takes the protocol from the first nibble (IFF_NO_PI), so that
     # nibble and a minimal header length are what must hold before a write.
-    n = len(buf) - offset
-    if n < 1:
+    if not payload:
         return False
-    version = buf[offset] >> 4
-    return (version == 4 and n >= 20) or (version == 6 and n >= 40)
+    version = payload[0] >> 4
+    return (version == 4 and len(payload) >= 20) or (version == 6 and len(payload) >= 40)
 
 
-def probe(path: int, session: int, seq: int, timestamp_ns: int) -> bytes:
-    return pack_header(PacketType.PROBE, path, session, seq) + _TIMESTAMP.pack(timestamp_ns)
+def probe(path: int, session: int, number: int, timestamp_ns: int) -> bytes:
+    """A version-1 probe (the engine builds its own; this is the reference)."""
+    return (pack_header(PacketType.PROBE, path, session, number)
+            + _PROBE_PAYLOAD.pack(timestamp_ns, number))
 
 
-def probe_timestamp(datagram: bytes) -> int:
-    """The sender's timestamp a probe (or its echo in a reply) carries."""
-    return _TIMESTAMP.unpack_from(datagram, HEADER_LEN)[0]
+def probe_payload(datagram: bytes) -> tuple[int, int]:
+    """(timestamp_ns, number) of a probe in clear, or of its echo in a reply."""
+    return _PROBE_PAYLOAD.unpack_from(datagram, HEADER_LEN)

@@ -1,16 +1,35 @@
 """Two engines facing each other on loopback UDP, each with a datagram
 socketpair standing in for its TUN (the engine only read()s and write()s that
 fd, and a datagram socket keeps packet boundaries as a TUN does). Needs no
-root: the data plane, whole, without devices."""
+root: the data plane, whole, without devices.
 
+``keyed`` pairs run sealed (protocol version 2) under keys from a real Noise
+handshake between the two (no network needed for that part)."""
+
+import functools
 import socket
 
-from multitun import wire
+from multitun import noise
 from multitun._fastpath import Engine
+
+KEY_ID = 0x5EA1ED
+
+
+@functools.cache
+def session_keys(psk: bytes = bytes(range(32))) -> tuple[tuple[bytes, bytes], tuple[bytes, bytes]]:
+    """(initiator's (send, receive), responder's (send, receive)) of one
+    handshake per psk (remembered, so tests can open what an engine sealed)."""
+    initiator = noise.Initiator(psk, b"test")
+    responder = noise.Responder(psk, b"test")
+    responder.read_init(initiator.write_init(b""))
+    initiator.read_response(responder.write_response(b""))
+    return initiator.keys(), responder.keys()
 
 
 class EnginePair:
-    def __init__(self, gso: bool = True) -> None:
+    def __init__(self, gso: bool = True, keyed: bool = False, ready: bool = True) -> None:
+        """``ready``: sessions adopted (in clear) or keys installed (sealed)."""
+        self.keyed = keyed
         self.udp = [socket.socket(socket.AF_INET, socket.SOCK_DGRAM | socket.SOCK_NONBLOCK)
                     for _ in range(2)]
         for s in self.udp:
@@ -27,19 +46,25 @@ class EnginePair:
                 s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 << 20)
                 s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
         self.engines = [Engine(self.tun[i][0].fileno(), [self.udp[i].fileno()], False,
-                               0x1000 + i, gso=gso) for i in range(2)]
+                               0x1000 + i, gso=gso, keyed=keyed) for i in range(2)]
         port = [s.getsockname()[1] for s in self.udp]
         for i, e in enumerate(self.engines):
             e.set_remote(0, socket.inet_aton("127.0.0.1"), port[1 - i], True)
-        self.handshake()
+        if ready:
+            self.handshake()
 
     def handshake(self) -> None:
-        """A probe each way: each end adopts the other's session."""
+        """In clear, a probe each way: each end adopts the other's session.
+        Sealed, each end gets its side of a handshake's keys."""
         a, b = self.engines
-        a.send_control(0, wire.probe(0, a.session, 1, 0))
-        b.run(0)  # b adopts a's session and replies
-        a.run(0)  # a adopts b's
-        a.take_control()
+        if self.keyed:
+            (a_send, a_receive), (b_send, b_receive) = session_keys()
+            a.install_keys(KEY_ID, a_send, a_receive, True)
+            b.install_keys(KEY_ID, b_send, b_receive, True)
+        a.send_probe(0, 1, 0)
+        b.run(0)  # b (in clear: adopts a's session and) replies
+        a.run(0)  # a (adopts b's and) takes the reply
+        assert len(a.take_control()) == 1
 
     def send(self, i: int, packets: list[bytes]) -> None:
         for p in packets:

@@ -10,6 +10,10 @@ IPV6 = bytes([0x60]) + bytes(39)
 VALID_HEADER = wire.pack_header(wire.PacketType.DATA, 1, 0x01020304, 7)
 
 
+def SEALED(ptype: int) -> bytes:
+    return wire.pack_header(ptype, 2, 0x0A0B0C0D, 9, wire.VERSION_SEALED)
+
+
 def compiled(datagram: bytes):
     try:
         return wire.Header(*_fastpath.unpack_header(datagram))
@@ -26,10 +30,16 @@ def reference(datagram: bytes):
 
 def test_constants_agree():
     assert _fastpath.CONSTANTS == {
-        "VERSION": wire.VERSION, "HEADER_LEN": wire.HEADER_LEN,
+        "VERSION_PLAIN": wire.VERSION_PLAIN, "VERSION_SEALED": wire.VERSION_SEALED,
+        "HEADER_LEN": wire.HEADER_LEN,
         "MAX_PATHS": wire.MAX_PATHS, "T_DATA": wire.PacketType.DATA,
         "T_PROBE": wire.PacketType.PROBE, "T_PROBE_REPLY": wire.PacketType.PROBE_REPLY,
+        "T_HANDSHAKE_INIT": wire.PacketType.HANDSHAKE_INIT,
+        "T_HANDSHAKE_RESPONSE": wire.PacketType.HANDSHAKE_RESPONSE,
         "PROBE_MIN_PAYLOAD": wire.PROBE_MIN_PAYLOAD, "PROBE_MAX_PAYLOAD": wire.PROBE_MAX_PAYLOAD,
+        "KEY_LEN": wire.KEY_LEN, "TAG_LEN": wire.TAG_LEN,
+        "HANDSHAKE_INIT_LEN": wire.HANDSHAKE_INIT_LEN,
+        "HANDSHAKE_RESPONSE_LEN": wire.HANDSHAKE_RESPONSE_LEN,
     }
 
 
@@ -49,17 +59,30 @@ CASES = [
     (6, VALID_HEADER + IPV4[:19], False),                      # short IPv4 header
     (7, VALID_HEADER + IPV6[:39], False),                      # short IPv6 header
     (8, VALID_HEADER + bytes([0x55]) + bytes(40), False),      # IP version 5
-    (9, bytes([2]) + VALID_HEADER[1:] + IPV4, False),          # protocol version 2
+    (9, bytes([3]) + VALID_HEADER[1:] + IPV4, False),          # protocol version 3
     (10, IPV4 + IPV4, False),                                  # raw IP: the original's format
     (11, VALID_HEADER[:1] + bytes([9]) + VALID_HEADER[2:] + IPV4, False),   # unknown type
     (12, VALID_HEADER[:2] + bytes([16]) + VALID_HEADER[3:] + IPV4, False),  # path 16
     (13, VALID_HEADER[:3] + bytes([1]) + VALID_HEADER[4:] + IPV4, False),   # flags set
     (14, VALID_HEADER[:4] + bytes(4) + VALID_HEADER[8:] + IPV4, False),     # session 0
     (15, wire.probe(0, 5, 1, 123), True),
-    (16, wire.probe(0, 5, 1, 123)[:-1], False),                # probe payload < 8
-    (17, wire.probe(0, 5, 1, 123) + bytes(56), True),          # 64-byte payload
-    (18, wire.probe(0, 5, 1, 123) + bytes(57), False),         # 65-byte payload
-    (19, wire.pack_header(wire.PacketType.PROBE_REPLY, 15, 1, 2**64 - 1) + bytes(8), True),
+    (16, wire.probe(0, 5, 1, 123)[:-1], False),                # probe payload < 16
+    (17, wire.probe(0, 5, 1, 123) + bytes(48), True),          # 64-byte payload
+    (18, wire.probe(0, 5, 1, 123) + bytes(49), False),         # 65-byte payload
+    (19, wire.pack_header(wire.PacketType.PROBE_REPLY, 15, 1, 2**64 - 1) + bytes(16), True),
+    (20, wire.pack_header(wire.PacketType.HANDSHAKE_INIT, 0, 1, 0) + bytes(56), False),  # v1
+    # Version 2, sealed: judged by length until opened.
+    (21, SEALED(wire.PacketType.DATA) + bytes(20 + 16), True),
+    (22, SEALED(wire.PacketType.DATA) + bytes(19 + 16), False),      # too short for IP
+    (23, SEALED(wire.PacketType.PROBE) + bytes(16 + 16), True),
+    (24, SEALED(wire.PacketType.PROBE) + bytes(15 + 16), False),
+    (25, SEALED(wire.PacketType.PROBE_REPLY) + bytes(64 + 16), True),
+    (26, SEALED(wire.PacketType.PROBE_REPLY) + bytes(65 + 16), False),
+    (27, SEALED(wire.PacketType.HANDSHAKE_INIT) + bytes(56), True),
+    (28, SEALED(wire.PacketType.HANDSHAKE_INIT) + bytes(57), False),  # exact sizes only
+    (29, SEALED(wire.PacketType.HANDSHAKE_RESPONSE) + bytes(48), True),
+    (30, SEALED(wire.PacketType.HANDSHAKE_RESPONSE) + bytes(56), False),
+    (31, SEALED(6) + bytes(48), False),                                # unknown type
 ]
 
 
@@ -69,13 +92,14 @@ def test_table(number, datagram, valid):
     assert compiled(datagram) == reference(datagram)
 
 
-@given(st.sampled_from(list(wire.PacketType)), st.integers(0, wire.MAX_PATHS - 1),
+@given(st.sampled_from([wire.PacketType.DATA, wire.PacketType.PROBE,
+                        wire.PacketType.PROBE_REPLY]), st.integers(0, wire.MAX_PATHS - 1),
        st.integers(1, 2**32 - 1), st.integers(0, 2**64 - 1))
 def test_pack_agrees(ptype, path, session, seq):
     packed = wire.pack_header(ptype, path, session, seq)
     assert _fastpath.pack_header(ptype, path, session, seq) == packed
-    tail = IPV4 if ptype == wire.PacketType.DATA else bytes(8)
-    assert compiled(packed + tail) == (ptype, path, session, seq)
+    tail = IPV4 if ptype == wire.PacketType.DATA else bytes(16)
+    assert compiled(packed + tail) == (ptype, path, session, seq, wire.VERSION_PLAIN)
 
 
 @given(st.binary(max_size=80))
@@ -83,8 +107,8 @@ def test_random_bytes_agree(datagram):
     assert compiled(datagram) == reference(datagram)
 
 
-@given(st.binary(min_size=16, max_size=16), st.binary(max_size=64))
-def test_mutated_headers_agree(header, payload):
+@given(st.sampled_from([1, 2]), st.binary(min_size=16, max_size=16), st.binary(max_size=100))
+def test_mutated_headers_agree(version, header, payload):
     # Mostly-valid headers reach the deeper checks that random bytes rarely do.
-    datagram = bytes([1]) + header[1:3] + bytes(1) + header[4:] + payload
+    datagram = bytes([version, header[1] % 7]) + header[2:3] + bytes(1) + header[4:] + payload
     assert compiled(datagram) == reference(datagram)

@@ -3,6 +3,7 @@
 import pytest
 
 from multitun.cli import build_parser, main, merge_config_file
+from multitun.keyfile import generate_key
 
 # (command-line options, the same in TOML): together they cover every option.
 ROUND_TRIPS = [
@@ -21,7 +22,17 @@ ROUND_TRIPS = [
      "--no-offload -vv --busy-poll 2000", 'tun_listen_addr = "10.42.42.1"\n'
      'server_listen_addr = "0.0.0.0"\nmetrics = "[::1]:9100"\nlog_format = "json"\n'
      'low_latency = true\noffload = false\nverbose = 2\nbusy_poll_us = 2000'),
+    ("-l 10.42.42.1 -s 0.0.0.0 --key-file {key}",
+     'tun_listen_addr = "10.42.42.1"\nserver_listen_addr = "0.0.0.0"\nkey_file = "{key}"'),
 ]
+
+
+@pytest.fixture
+def key(tmp_path):
+    path = tmp_path / "key"
+    path.write_text(generate_key() + "\n")
+    path.chmod(0o600)
+    return path
 
 
 def from_file(tmp_path, toml, extra=()):
@@ -35,10 +46,10 @@ def from_file(tmp_path, toml, extra=()):
 
 
 @pytest.mark.parametrize("cmdline,toml", ROUND_TRIPS)
-def test_every_option_round_trips(tmp_path, cmdline, toml):
-    cli = {k: v for k, v in vars(build_parser().parse_args(cmdline.split())).items()
+def test_every_option_round_trips(tmp_path, key, cmdline, toml):
+    cli = {k: v for k, v in vars(build_parser().parse_args(cmdline.format(key=key).split())).items()
            if k != "config"}
-    assert from_file(tmp_path, toml) == cli
+    assert from_file(tmp_path, toml.format(key=key)) == cli
 
 
 def test_the_table_covers_every_option():

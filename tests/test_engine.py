@@ -1,5 +1,6 @@
 """The compiled engine end to end without devices or root: two engines on
-loopback, socketpairs for TUNs (tests/engine_pair.py)."""
+loopback, socketpairs for TUNs (tests/engine_pair.py), in clear and sealed.
+tests/test_sealed.py has what only sealed mode does."""
 
 import os
 
@@ -10,15 +11,24 @@ from multitun import wire
 from .engine_pair import EnginePair, ipv4
 
 
-@pytest.fixture(params=[True, False], ids=["gso", "no-gso"])
+@pytest.fixture(params=[(True, False), (False, False), (True, True), (False, True)],
+                ids=["gso", "no-gso", "gso-sealed", "no-gso-sealed"])
 def pair(request):
-    p = EnginePair(gso=request.param)
+    gso, keyed = request.param
+    p = EnginePair(gso=gso, keyed=keyed)
     yield p
     p.close()
 
 
-def test_sessions_adopted_by_probes(pair):
-    a, b = pair.engines
+@pytest.fixture
+def plain_pair():
+    p = EnginePair()
+    yield p
+    p.close()
+
+
+def test_sessions_adopted_by_probes(plain_pair):
+    a, b = plain_pair.engines
     assert a.peer_session == b.session and b.peer_session == a.session
 
 
@@ -53,13 +63,13 @@ def test_not_an_ip_packet_never_leaves_as_one(pair):
     assert pair.engines[1].stats()["malformed"] == 1
 
 
-def test_stale_session_after_peer_restart(pair):
+def test_stale_session_after_peer_restart(plain_pair):
     # A datagram of the peer's previous session is dropped, not delivered.
-    a, b = pair.engines
+    a, b = plain_pair.engines
     old = wire.pack_header(wire.PacketType.DATA, 0, 0x7777, 1) + ipv4(9)
-    pair.udp[0].send(old)
-    pair.pump()
-    assert pair.received(1) == []
+    plain_pair.udp[0].send(old)
+    plain_pair.pump()
+    assert plain_pair.received(1) == []
     assert b.stats()["wrong_session"] == 1
 
 

@@ -135,6 +135,7 @@ cdef extern from "<endian.h>" nogil:
     uint32_t be32toh(uint32_t)
     uint64_t htobe64(uint64_t)
     uint64_t be64toh(uint64_t)
+    uint64_t htole64(uint64_t)
 
 
 cdef extern from "<time.h>" nogil:
@@ -145,3 +146,10 @@ cdef extern from "<time.h>" nogil:
     enum:
         CLOCK_MONOTONIC
     int clock_gettime(int clk_id, timespec *tp)
+
+
+cdef extern from "<errno.h>" nogil:
+    # errno(3), Linux: "Required key not available"; what send_probe() returns
+    # before the first handshake.
+    enum:
+        ENOKEY

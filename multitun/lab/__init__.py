@@ -4,12 +4,14 @@
   each a veth pair or an emulated link (multitun.emulator), always torn down;
 - ``tunnel_pair``: a multitun server and client (or another tunnel) across a bed;
 - ``traffic``: ping, UDP streams and floods, one-way latency probes, TCP
-  transfers (iperf3 when installed), and percentiles of what they measured.
+  transfers (iperf3 when installed), and percentiles of what they measured;
+- ``capture``: the frames on a path, as an eavesdropper sees them.
 
 The test suite, the benchmarks and ``multitun demo`` are built on it.
 """
 
 from .bed import PATH_NETS, Bed, BedPath
+from .capture import Capture
 from .traffic import (
     Transfer, latency_probe, percentile, ping, ping_interleaved, summarise, tcp_throughput,
     tcp_transfer, udp_flood, udp_stream, wait_udp,
@@ -17,7 +19,7 @@ from .traffic import (
 from .tunnel_pair import TUN_CLIENT, TUN_CLIENT6, TUN_SERVER, TUN_SERVER6, TunnelPair
 
 __all__ = [
-    "PATH_NETS", "Bed", "BedPath", "Transfer", "TUN_CLIENT", "TUN_CLIENT6", "TUN_SERVER",
+    "PATH_NETS", "Bed", "BedPath", "Capture", "Transfer", "TUN_CLIENT", "TUN_CLIENT6", "TUN_SERVER",
     "TUN_SERVER6", "TunnelPair", "latency_probe", "percentile", "ping", "ping_interleaved",
     "summarise", "tcp_throughput", "tcp_transfer", "udp_flood", "udp_stream", "wait_udp",
 ]

@@ -178,6 +178,21 @@ class Bed:
             link = ipr.get_links(ipr.link_lookup(ifname=ifname)[0])[0]
             return dict(link.get("IFLA_STATS64"))
 
+    def add_outsider(self) -> tuple[str, str, str]:
+        """A third namespace with a link of its own to the server, as a host
+        elsewhere on the Internet: (namespace, its address, the server's
+        address on that link), from RFC 6598's shared space."""
+        ns = f"mto{self._tag}"
+        netns.create(ns)
+        self._made.append(ns)
+        self._wire(ns, "o0", self.server, "x0")
+        outsider, server = "100.64.0.2", "100.64.0.1"
+        for name, ifname, addr in ((ns, "o0", outsider), (self.server, "x0", server)):
+            with IPRoute(netns=name) as ipr:
+                ipr.addr("add", index=ipr.link_lookup(ifname=ifname)[0], address=addr,
+                         prefixlen=24)
+        return ns, outsider, server
+
     def client_endpoints(self, v6: bool = False) -> str:
         """The -c argument for every path of the bed."""
         if v6:

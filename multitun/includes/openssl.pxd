@@ -1,0 +1,22 @@
+# libcrypto's EVP AEAD interface, as the data plane uses it (EVP_EncryptInit(3),
+# "AEAD INTERFACE"). Linked from the extension; no Python call per packet.
+
+cdef extern from "<openssl/evp.h>" nogil:
+    ctypedef struct EVP_CIPHER_CTX:
+        pass
+    ctypedef struct EVP_CIPHER:
+        pass
+
+    enum:
+        EVP_CTRL_AEAD_GET_TAG
+        EVP_CTRL_AEAD_SET_TAG
+
+    const EVP_CIPHER *EVP_chacha20_poly1305()
+    EVP_CIPHER_CTX *EVP_CIPHER_CTX_new()
+    void EVP_CIPHER_CTX_free(EVP_CIPHER_CTX *ctx)
+    int EVP_CipherInit_ex(EVP_CIPHER_CTX *ctx, const EVP_CIPHER *cipher, void *impl,
+                          const unsigned char *key, const unsigned char *iv, int enc)
+    int EVP_CipherUpdate(EVP_CIPHER_CTX *ctx, unsigned char *out, int *outl,
+                         const unsigned char *inp, int inl)
+    int EVP_CipherFinal_ex(EVP_CIPHER_CTX *ctx, unsigned char *out, int *outl)
+    int EVP_CIPHER_CTX_ctrl(EVP_CIPHER_CTX *ctx, int type, int arg, void *ptr)

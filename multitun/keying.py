@@ -1,0 +1,248 @@
+"""Session keys for sealed mode (--key-file): when a handshake is made, what
+it installs in the engine, and when keys expire.
+
+The client is always the initiator: it knows the server's addresses. It sends
+its first message (multitun/noise.py) on every path at once, so the handshake
+completes over the fastest path that works, and installs the keys when the
+first response arrives. The server installs its side as *next* keys; the engine
+makes them current on the first authentic packet under them (the client probes
+every path at once for that), so an unconfirmed handshake, such as one replayed
+by someone without the key, never replaces working keys.
+
+Timers, after WireGuard's (whitepaper section 6): the client makes a new
+handshake every REKEY_AFTER_S, or when nothing authentic arrived for
+SILENCE_S (the server restarted, or every path failed), retrying every RETRY_S
+until answered. Keys older than REJECT_AFTER_S are dropped on both sides.
+
+First messages carry the client's wall-clock time; the server accepts only
+times newer than the last handshake it accepted, so a recorded first message
+replayed later gets no response. Copies of the latest first message on other
+paths are answered (once per path, within COPIES_S) with the same response,
+which is shorter than the message: no amplification. Responses are also
+rate-limited.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import time
+from dataclasses import dataclass, field
+
+from . import wire
+from ._fastpath import Engine
+from .noise import HandshakeError, Initiator, Responder
+
+log = logging.getLogger("multitun")
+
+REKEY_AFTER_S = 120.0
+REJECT_AFTER_S = 180.0
+RETRY_S = 1.0
+SILENCE_S = 2.0
+COPIES_S = 2.0
+HANDSHAKES_PER_S = 20.0
+HANDSHAKE_BURST = 20
+UNANSWERED_LOG_S = 10.0
+
+_PROLOGUE = b"multitun protocol 2, key id "
+_TIMESTAMP_LEN = 8
+
+
+def prologue(key_id: int) -> bytes:
+    # Binds the key id in the clear header to the handshake: a response or
+    # first message moved to another id does not authenticate.
+    return _PROLOGUE + key_id.to_bytes(4, "big")
+
+
+def _message(ptype: wire.PacketType, path: int, key_id: int, body: bytes) -> bytes:
+    return wire.pack_header(ptype, path, key_id, 0, wire.VERSION_SEALED) + body
+
+
+class TokenBucket:
+    def __init__(self, rate: float, burst: int) -> None:
+        self.rate, self.burst = rate, burst
+        self.tokens, self.at = float(burst), None
+
+    def take(self, now: float) -> bool:
+        if self.at is not None:
+            self.tokens = min(self.burst, self.tokens + max(0.0, now - self.at) * self.rate)
+        self.at = now
+        if self.tokens < 1:
+            return False
+        self.tokens -= 1
+        return True
+
+
+@dataclass
+class Rejections:
+    """Handshakes refused, for the log and `multitun status`."""
+
+    auth_failed: int = 0
+    replayed: int = 0
+    rate_limited: int = 0
+    last_source: tuple | None = None
+
+    def as_dict(self) -> dict:
+        return {"handshake_auth_failed": self.auth_failed,
+                "handshake_replayed": self.replayed,
+                "handshake_rate_limited": self.rate_limited}
+
+
+class Keying:
+    """What both ends do: expire old keys and report."""
+
+    def __init__(self, engine: Engine, psk: bytes) -> None:
+        self.engine, self.psk = engine, psk
+        self.handshakes = 0
+        self.rejected = Rejections()
+
+    def tick(self, now: float) -> None:
+        for k in self.engine.keys():
+            if k["age_s"] > REJECT_AFTER_S:
+                self.engine.drop_keys(k["id"])
+                log.info("keys %08x expired after %.0fs", k["id"], k["age_s"],
+                         extra={"event": "keys_expired", "key_id": f"{k['id']:08x}"})
+
+    def current(self) -> dict | None:
+        return next((k for k in self.engine.keys() if k["slot"] == "current"), None)
+
+    def snapshot(self) -> dict:
+        cur = self.current()
+        return {"keyed": True, "cipher": "ChaCha20-Poly1305",
+                "handshake": "Noise_NNpsk0_25519_ChaChaPoly_SHA256",
+                "key_id": f"{cur['id']:08x}" if cur else None,
+                "key_age_s": round(cur["age_s"], 1) if cur else None,
+                "handshakes": self.handshakes, **self.rejected.as_dict()}
+
+    def _refuse(self, kind: str, source: tuple | None) -> None:
+        setattr(self.rejected, kind, getattr(self.rejected, kind) + 1)
+        self.rejected.last_source = source
+
+
+@dataclass
+class _Pending:
+    initiator: Initiator
+    key_id: int
+    sent_at: float
+
+
+class ClientKeying(Keying):
+    def __init__(self, engine: Engine, psk: bytes) -> None:
+        super().__init__(engine, psk)
+        self.pending: _Pending | None = None
+        self.first_attempt: float | None = None
+        self.next_unanswered_log = 0.0
+
+    def tick(self, now: float) -> None:
+        super().tick(now)
+        cur = self.current()
+        if cur is None or cur["age_s"] >= REKEY_AFTER_S or self._silent(cur):
+            if self.pending is None or now - self.pending.sent_at >= RETRY_S:
+                self._initiate(now)
+        if self.first_attempt is not None and now - self.first_attempt >= UNANSWERED_LOG_S / 2 \
+                and now >= self.next_unanswered_log:
+            log.warning("no handshake answered for %.0fs: the server is unreachable, or its "
+                        "key differs from ours", now - self.first_attempt,
+                        extra={"event": "handshake_unanswered"})
+            self.next_unanswered_log = now + UNANSWERED_LOG_S
+
+    @staticmethod
+    def _silent(key: dict) -> bool:
+        # Nothing authentic for SILENCE_S under the current keys, although
+        # the server answers probes every --probe-interval.
+        quiet_s = min(key["age_s"], (time.monotonic_ns() - key["last_rx_ns"]) / 1e9)
+        return quiet_s > SILENCE_S
+
+    def _initiate(self, now: float) -> None:
+        taken = {k["id"] for k in self.engine.keys()}
+        key_id = 0
+        while key_id == 0 or key_id in taken:
+            key_id = secrets.randbits(32)
+        initiator = Initiator(self.psk, prologue(key_id))
+        body = initiator.write_init(time.time_ns().to_bytes(_TIMESTAMP_LEN, "big"))
+        self.pending = _Pending(initiator, key_id, now)
+        if self.first_attempt is None:
+            self.first_attempt = now
+        for p in self.engine.paths():
+            if p["active"]:
+                self.engine.send_control(p["path"], _message(
+                    wire.PacketType.HANDSHAKE_INIT, p["path"], key_id, body))
+        log.debug("handshake %08x sent", key_id)
+
+    def on_response(self, path: int, datagram: bytes, source: tuple | None) -> bool:
+        """A response; True when it completed a handshake (new keys in use)."""
+        header = wire.peek_header(datagram)
+        pending = self.pending
+        if pending is None or header.session != pending.key_id:
+            return False  # a copy from a slower path, or one we gave up on
+        try:
+            pending.initiator.read_response(datagram[wire.HEADER_LEN:])
+        except HandshakeError:
+            self._refuse("auth_failed", source)
+            return False
+        send, receive = pending.initiator.keys()
+        self.engine.install_keys(pending.key_id, send, receive, True)
+        self.handshakes += 1
+        self.pending = self.first_attempt = None
+        log.log(logging.INFO if self.handshakes == 1 else logging.DEBUG,
+                "handshake %08x complete on path %d", pending.key_id, path,
+                extra={"event": "handshake", "key_id": f"{pending.key_id:08x}", "path": path})
+        return True
+
+
+@dataclass
+class _Answered:
+    body: bytes
+    key_id: int
+    response: bytes
+    at: float
+    paths: set[int] = field(default_factory=set)
+
+
+class ServerKeying(Keying):
+    def __init__(self, engine: Engine, psk: bytes) -> None:
+        super().__init__(engine, psk)
+        self.newest_timestamp = 0
+        self.latest: _Answered | None = None
+        self.bucket = TokenBucket(HANDSHAKES_PER_S, HANDSHAKE_BURST)
+
+    def on_init(self, path: int, datagram: bytes, source: tuple | None,
+                reply_to: bytes, now: float) -> None:
+        if not self.bucket.take(now):
+            self._refuse("rate_limited", source)
+            return
+        key_id = wire.peek_header(datagram).session
+        body = datagram[wire.HEADER_LEN:]
+        latest = self.latest
+        if latest is not None and latest.body == body and latest.key_id == key_id:
+            if now - latest.at <= COPIES_S and path not in latest.paths:
+                latest.paths.add(path)
+                self.engine.send_back(reply_to, _message(
+                    wire.PacketType.HANDSHAKE_RESPONSE, path, key_id, latest.response))
+            else:
+                self._refuse("replayed", source)
+            return
+        responder = Responder(self.psk, prologue(key_id))
+        try:
+            timestamp = int.from_bytes(responder.read_init(body), "big")
+        except HandshakeError:
+            self._refuse("auth_failed", source)
+            return
+        if timestamp <= self.newest_timestamp:
+            # Recorded and replayed, or the client's clock went back.
+            self._refuse("replayed", source)
+            return
+        ids = {k["id"]: k["slot"] for k in self.engine.keys()}
+        if ids.get(key_id, "next") != "next":
+            self._refuse("replayed", source)  # the id of keys in use: never reinstalled
+            return
+        response = responder.write_response(b"")
+        send, receive = responder.keys()
+        self.newest_timestamp = timestamp
+        self.engine.drop_keys(key_id)
+        self.engine.install_keys(key_id, send, receive, False)
+        self.latest = _Answered(body, key_id, response, now, {path})
+        self.handshakes += 1
+        self.engine.send_back(reply_to, _message(
+            wire.PacketType.HANDSHAKE_RESPONSE, path, key_id, response))
+        log.debug("handshake %08x answered on path %d", key_id, path)

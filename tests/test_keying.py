@@ -1,0 +1,190 @@
+"""Session keys (multitun/keying.py) between two keyed engines on loopback:
+the client's and the server's sides of real handshakes, rekeying, expiry,
+replay and rate limits. No root needed."""
+
+import os
+
+import pytest
+
+from multitun import keying, wire
+from multitun.keying import ClientKeying, ServerKeying
+
+from .engine_pair import EnginePair, ipv4
+
+PSK = os.urandom(32)
+
+
+class Ends:
+    """A client keying engine 0 and a server keying engine 1. ``now`` is the
+    keying's clock (the engine keeps its own monotonic one)."""
+
+    def __init__(self, server_psk: bytes = PSK) -> None:
+        self.pair = EnginePair(keyed=True, ready=False)
+        self.client = ClientKeying(self.pair.engines[0], PSK)
+        self.server = ServerKeying(self.pair.engines[1], server_psk)
+        self.now = 1000.0
+        self.sent: list[tuple[int, bytes]] = []  # what the server sent back
+
+    def step(self) -> int:
+        """Run both engines and hand control packets to the keying; how many
+        handshakes completed."""
+        a, b = self.pair.engines
+        completed = 0
+        for _ in range(3):
+            b.run(0)
+            for path, _, datagram, source, reply_to in b.take_control():
+                if wire.peek_header(datagram).type == wire.PacketType.HANDSHAKE_INIT:
+                    self.server.on_init(path, datagram, source, reply_to, self.now)
+            a.run(0)
+            for path, _, datagram, source, _ in a.take_control():
+                if wire.peek_header(datagram).type == wire.PacketType.HANDSHAKE_RESPONSE:
+                    if self.client.on_response(path, datagram, source):
+                        completed += 1
+                        a.send_probe(0, 1, 0)  # what the tunnel does: confirm at once
+        return completed
+
+    def connect(self) -> None:
+        self.client.tick(self.now)
+        assert self.step() == 1
+
+    def close(self) -> None:
+        self.pair.close()
+
+
+@pytest.fixture
+def ends():
+    e = Ends()
+    yield e
+    e.close()
+
+
+def slots(engine) -> dict:
+    return {k["slot"]: k["id"] for k in engine.keys()}
+
+
+def test_handshake_installs_and_confirms(ends):
+    a, b = ends.pair.engines
+    ends.connect()
+    assert slots(a) == slots(b) == {"current": a.stats()["key_id"]}
+    ends.pair.send(0, [ipv4(1)])
+    ends.pair.send(1, [ipv4(2)])
+    ends.pair.pump()
+    assert ends.pair.received(1) == [ipv4(1)] and ends.pair.received(0) == [ipv4(2)]
+
+
+def test_response_is_shorter_than_the_request(ends):
+    ends.client.tick(ends.now)
+    init = ends.pair.udp[1].recv(200)
+    ends.pair.udp[0].send(init)  # deliver it to the server ourselves
+    ends.pair.engines[1].run(0)
+    (path, _, datagram, source, reply_to), = ends.pair.engines[1].take_control()
+    ends.server.on_init(path, datagram, source, reply_to, ends.now)
+    response = ends.pair.udp[0].recv(200)
+    assert len(init) == wire.HANDSHAKE_INIT_LEN == 72
+    assert len(response) == wire.HANDSHAKE_RESPONSE_LEN == 64 < len(init)
+
+
+def test_replayed_first_message_gets_no_response(ends):
+    ends.client.tick(ends.now)
+    init = ends.pair.udp[1].recv(200)
+    b = ends.pair.engines[1]
+    for when in (ends.now, ends.now + 0.1, ends.now + keying.COPIES_S + 1):
+        ends.pair.udp[0].send(init)
+        b.run(0)
+        for path, _, datagram, source, reply_to in b.take_control():
+            ends.server.on_init(path, datagram, source, reply_to, when)
+    responses = []
+    while True:
+        try:
+            responses.append(ends.pair.udp[0].recv(200))
+        except BlockingIOError:
+            break
+    assert len(responses) == 1  # the first; the copies on the same path are replays
+    assert ends.server.rejected.replayed == 2
+
+
+def test_older_first_message_is_refused(ends):
+    ends.client.tick(ends.now)
+    old = ends.pair.udp[1].recv(200)
+    ends.client.pending = None
+    ends.client.tick(ends.now)  # a newer handshake
+    new = ends.pair.udp[1].recv(200)
+    b = ends.pair.engines[1]
+    for init in (new, old):
+        ends.pair.udp[0].send(init)
+        b.run(0)
+        for path, _, datagram, source, reply_to in b.take_control():
+            ends.server.on_init(path, datagram, source, reply_to, ends.now)
+    assert ends.server.handshakes == 1 and ends.server.rejected.replayed == 1
+
+
+def test_wrong_key_never_answers(ends):
+    e = Ends(server_psk=os.urandom(32))
+    try:
+        e.client.tick(e.now)
+        assert e.step() == 0
+        assert e.server.rejected.auth_failed == 1
+        assert e.server.rejected.last_source == e.pair.udp[0].getsockname()
+        assert e.pair.engines[1].keys() == []
+    finally:
+        e.close()
+
+
+def test_handshakes_are_rate_limited(ends):
+    b = ends.pair.engines[1]
+    inits = []
+    for _ in range(keying.HANDSHAKE_BURST + 10):
+        ends.client.pending = None
+        ends.client.tick(ends.now)
+        inits.append(ends.pair.udp[1].recv(200))
+    for init in inits:
+        ends.pair.udp[0].send(init)
+    b.run(0)
+    for path, _, datagram, source, reply_to in b.take_control():
+        ends.server.on_init(path, datagram, source, reply_to, ends.now)
+    assert ends.server.rejected.rate_limited == 10
+    assert ends.server.handshakes == keying.HANDSHAKE_BURST
+
+
+def test_retry_until_answered(ends):
+    ends.client.tick(ends.now)
+    ends.pair.udp[1].recv(200)  # lost
+    ends.client.tick(ends.now + keying.RETRY_S / 2)
+    with pytest.raises(BlockingIOError):
+        ends.pair.udp[1].recv(200)  # not yet
+    ends.client.tick(ends.now + keying.RETRY_S)
+    assert ends.step() == 1
+
+
+def test_rekey_loses_nothing(ends, monkeypatch):
+    a, b = ends.pair.engines
+    ends.connect()
+    first = a.stats()["key_id"]
+    monkeypatch.setattr(keying, "REKEY_AFTER_S", 0.0)
+    ends.pair.send(0, [ipv4(i) for i in range(5)])
+    a.run(0)  # in flight under the first keys
+    ends.client.tick(ends.now + 1)
+    assert ends.step() == 1
+    second = a.stats()["key_id"]
+    assert second != first
+    assert slots(a) == slots(b) == {"current": second, "previous": first}
+    ends.pair.send(0, [ipv4(i) for i in range(5, 10)])
+    ends.pair.pump()
+    assert ends.pair.received(1) == [ipv4(i) for i in range(10)]
+
+
+def test_silence_starts_a_new_handshake(ends, monkeypatch):
+    ends.connect()
+    monkeypatch.setattr(keying, "SILENCE_S", 0.0)
+    ends.client.tick(ends.now + 1)
+    assert wire.peek_header(ends.pair.udp[1].recv(200)).type == wire.PacketType.HANDSHAKE_INIT
+
+
+def test_old_keys_expire(ends, monkeypatch):
+    ends.connect()
+    monkeypatch.setattr(keying, "REJECT_AFTER_S", 0.0)
+    ends.server.tick(ends.now)
+    assert ends.pair.engines[1].keys() == []
+    ends.pair.send(1, [ipv4(1)])
+    ends.pair.engines[1].run(0)
+    assert ends.pair.engines[1].stats()["no_key"] == 1

@@ -1,0 +1,168 @@
+"""Sealed tunnels for real (--key-file): TUN devices in network namespaces,
+veth paths, multitun processes, real traffic, and an eavesdropper and an
+outsider on the wire."""
+
+import os
+import socket
+import time
+
+import pytest
+
+from multitun import wire
+from multitun.keyfile import generate_key
+from multitun.lab import (
+    TUN_CLIENT, TUN_SERVER, TUN_SERVER6, Capture, TunnelPair, ping, tcp_transfer,
+)
+
+from .conftest import requires_root
+from .test_status import status_json
+
+pytestmark = [requires_root, pytest.mark.netns]
+
+MARKER = b"multitun-marker-4f1c9a"
+
+
+def key_file(tmp_path, name="key"):
+    path = tmp_path / name
+    path.write_text(generate_key() + "\n")
+    path.chmod(0o600)
+    return path
+
+
+def keyed(bed, tmp_path, server_key, client_key, **kw):
+    return TunnelPair(bed, tmp_path, server_extra=("--key-file", str(server_key)),
+                      client_extra=("--key-file", str(client_key)), **kw)
+
+
+@pytest.fixture
+def sealed(bed, tmp_path):
+    key = key_file(tmp_path)
+    with keyed(bed, tmp_path, key, key) as pair:
+        pair.wait_carrying()
+        yield pair
+
+
+def send_marker(bed, count=50):
+    with bed.socket(bed.client) as s:
+        for _ in range(count):
+            s.sendto(MARKER * 10, (TUN_SERVER, 9))
+            time.sleep(0.002)
+
+
+def test_sealed_tunnel_carries_both_families(sealed):
+    bed = sealed.bed
+    for dst in (TUN_SERVER, TUN_SERVER6):
+        rtts = ping(bed, bed.client, dst, count=20)
+        assert None not in rtts, f"lost echo replies from {dst}: {rtts}"
+    st = status_json(bed, bed.client)
+    assert st["security"]["keyed"] and st["security"]["handshakes"] >= 1
+    assert all(p["state"] == "up" for p in st["paths"])
+    assert "sealed: ChaCha20-Poly1305" in sealed.logs("server")
+
+
+@pytest.mark.parametrize("offload", [True, False], ids=["offload", "no-offload"])
+def test_sealed_tcp_transfers_intact_both_ways(bed, tmp_path, offload):
+    key = key_file(tmp_path)
+    extra = () if offload else ("--no-offload",)
+    with TunnelPair(bed, tmp_path, server_extra=("--key-file", str(key), *extra),
+                    client_extra=("--key-file", str(key), *extra)) as pair:
+        pair.wait_carrying()
+        for src, dst_ns, dst in ((bed.client, bed.server, TUN_SERVER),
+                                 (bed.server, bed.client, TUN_CLIENT)):
+            data = os.urandom(16 << 20)
+            result = tcp_transfer(bed, src, dst_ns, dst, data=data)
+            assert result.received == len(data)
+            assert result.received_sha256 == result.sent_sha256
+
+
+@pytest.mark.parametrize("keyed_tunnel", [False, True], ids=["in-clear", "sealed"])
+def test_marker_on_the_path(bed, tmp_path, keyed_tunnel):
+    """An eavesdropper on path 0 sees the marker when the tunnel is in clear
+    (so the capture works), and never when it is sealed."""
+    key = key_file(tmp_path)
+    extra = ("--key-file", str(key)) if keyed_tunnel else ()
+    with TunnelPair(bed, tmp_path, server_extra=extra, client_extra=extra) as pair:
+        pair.wait_carrying()
+        with Capture(bed.client, bed.paths[0].client_if) as cap:
+            send_marker(bed)
+            time.sleep(0.2)
+    to_server = cap.udp_payloads(bed.paths[0].server_ip, pair.port)
+    assert len(to_server) >= 50  # the marker's datagrams crossed this path
+    seen = any(MARKER in frame for frame in cap.frames)
+    assert seen is not keyed_tunnel
+
+
+def test_another_key_gets_nothing_through(bed, tmp_path):
+    with keyed(bed, tmp_path, key_file(tmp_path, "a"), key_file(tmp_path, "b")) as pair:
+        with pytest.raises(TimeoutError):
+            pair.wait_carrying(timeout=3)
+        log = pair.wait_log("server", "authentication failing", timeout=8)
+        assert f"last from {bed.paths[0].client_ip}:" in log or \
+            f"last from {bed.paths[1].client_ip}:" in log
+        pair.wait_log("client", "no handshake answered", timeout=8)
+        assert pair.server.poll() is None and pair.client.poll() is None
+        st = status_json(bed, bed.server)
+        assert st["security"]["handshake_auth_failed"] > 0
+        assert st["tunnel"]["delivered"] == 0
+        assert st["paths"] == []  # no endpoint learned from a stranger
+
+
+def test_key_on_one_side_only_is_named_in_the_log(bed, tmp_path):
+    with TunnelPair(bed, tmp_path, server_extra=("--key-file", str(key_file(tmp_path)),)) as pair:
+        log = pair.wait_log("server", "in clear: the peer has no --key-file", timeout=8)
+        assert "no --key-file: the tunnel is neither authenticated" in pair.logs("client")
+        assert log.count("in clear: the peer") <= 3  # summarised, not one line per packet
+
+
+def test_replayed_traffic_reaches_nothing(bed, tmp_path):
+    """Everything the client sent on path 0, from its handshake on, replayed
+    from a host elsewhere after the client has gone: nothing reaches the
+    server's TUN, no endpoint moves, and the replaying host gets no reply."""
+    key = key_file(tmp_path)
+    outsider, outsider_ip, server_ip = bed.add_outsider()
+    pair = keyed(bed, tmp_path, key, key)
+    try:
+        pair.start_server()
+        with Capture(bed.client, bed.paths[0].client_if) as cap:
+            pair.start_client()
+            pair.wait_carrying()
+            ping(bed, bed.client, TUN_SERVER, count=20)
+            send_marker(bed, count=20)
+            time.sleep(0.3)
+        pair.stop_client()
+        captured = cap.udp_payloads(bed.paths[0].server_ip, pair.port)
+        kinds = {wire.unpack_header(d).type for d in captured}
+        assert {wire.PacketType.HANDSHAKE_INIT, wire.PacketType.PROBE,
+                wire.PacketType.DATA} <= kinds
+        before = bed.link_stats(bed.server, "multitun0")["rx_packets"]
+        before_status = status_json(bed, bed.server)
+        with bed.socket(outsider) as s:
+            s.bind((outsider_ip, pair.port))
+            for d in captured:
+                s.sendto(d, (server_ip, pair.port))
+            s.settimeout(1.0)
+            with pytest.raises(socket.timeout):
+                s.recv(65536)
+        after_status = status_json(bed, bed.server)
+        assert bed.link_stats(bed.server, "multitun0")["rx_packets"] == before
+        assert after_status["tunnel"]["delivered"] == before_status["tunnel"]["delivered"]
+        assert {p["remote"] for p in after_status["paths"]} == \
+            {p["remote"] for p in before_status["paths"]}
+        rejected = (after_status["tunnel"]["unknown_source"]
+                    - before_status["tunnel"]["unknown_source"]
+                    + after_status["tunnel"]["duplicates"] - before_status["tunnel"]["duplicates"]
+                    + after_status["security"]["handshake_replayed"]
+                    - before_status["security"]["handshake_replayed"])
+        assert rejected > 0
+        assert pair.server.poll() is None
+    finally:
+        pair.stop()
+
+
+@pytest.mark.parametrize("side", ["server", "client"])
+def test_sealed_tunnel_survives_a_restart(sealed, side):
+    bed = sealed.bed
+    getattr(sealed, f"stop_{side}")()
+    getattr(sealed, f"start_{side}")()
+    assert sealed.wait_carrying(timeout=10) < 8
+    assert None not in ping(bed, bed.client, TUN_SERVER, count=10)
