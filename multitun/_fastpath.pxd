@@ -21,7 +21,7 @@ cdef enum:
     T_HANDSHAKE_RESPONSE = 5
     PROBE_MIN_PAYLOAD = 16
     PROBE_MAX_PAYLOAD = 64
-    # ChaCha20-Poly1305 (RFC 8439): 32-byte keys, 16-byte tags, 12-byte nonces.
+    # AES-256-GCM (NIST SP 800-38D): 32-byte keys, 16-byte tags, 12-byte nonces.
     KEY_LEN = 32
     TAG_LEN = 16
     NONCE_LEN = 12

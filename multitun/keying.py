@@ -108,7 +108,7 @@ class Keying:
 
     def snapshot(self) -> dict:
         cur = self.current()
-        return {"keyed": True, "cipher": "ChaCha20-Poly1305",
+        return {"keyed": True, "cipher": "AES-256-GCM",
                 "handshake": "Noise_NNpsk0_25519_ChaChaPoly_SHA256",
                 "key_id": f"{cur['id']:08x}" if cur else None,
                 "key_age_s": round(cur["age_s"], 1) if cur else None,

@@ -36,6 +36,15 @@ TUNNEL_COUNTERS = {
     "wrong_session": "Data of another session than the peer's current one, dropped",
     "unknown_source": "Data from an address that is not its path's endpoint, dropped",
     "tun_write_errors": "Packets the TUN device refused",
+    "auth_failed": "Sealed packets that failed authentication, dropped",
+    "key_mismatch": "Packets of the other mode (a key on one end only), dropped",
+    "no_key": "Packets from the TUN device dropped for want of session keys",
+}
+SECURITY_COUNTERS = {
+    "handshakes": "Handshakes completed (client) or answered (server)",
+    "handshake_auth_failed": "Handshake messages that failed authentication",
+    "handshake_replayed": "Handshake messages refused as replays",
+    "handshake_rate_limited": "Handshake messages over the rate limit, unanswered",
 }
 
 
@@ -72,6 +81,13 @@ class _Collector:
         yield from (up, rtt, rtt_min, jitter, loss, *counters.values())
         for key, doc in TUNNEL_COUNTERS.items():
             yield CounterMetricFamily(f"multitun_{key}", doc, value=st["tunnel"][key])
+        security = st["security"]
+        if security["keyed"]:
+            for key, doc in SECURITY_COUNTERS.items():
+                yield CounterMetricFamily(f"multitun_{key}", doc, value=security[key])
+            if security["key_age_s"] is not None:
+                yield GaugeMetricFamily("multitun_key_age_seconds", "Age of the current keys",
+                                        value=security["key_age_s"])
 
 
 class MetricsServer:

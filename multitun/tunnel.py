@@ -166,7 +166,7 @@ class Tunnel:
         if cfg.metrics:
             log.info("metrics on http://%s/metrics", _hostport(*cfg.metrics))
         if self.keying:
-            log.info("sealed: ChaCha20-Poly1305 under keys from a Noise_NNpsk0 handshake "
+            log.info("sealed: AES-256-GCM under keys from a Noise_NNpsk0 handshake "
                      "with the key file's key")
         else:
             log.warning("no --key-file: the tunnel is neither authenticated nor encrypted; "

@@ -8,7 +8,7 @@ Every datagram on a path starts with this 16-byte header, all fields big-endian:
     +-------+-------+-------+-------+---------------+----------------------+
 
 Version 1 is in clear (no key). Version 2 (--key-file) seals every payload with
-ChaCha20-Poly1305 and adds handshake messages; the header stays in clear, as the
+AES-256-GCM and adds handshake messages; the header stays in clear, as the
 associated data.
 
 This module is the control plane's codec and the reference the compiled data plane

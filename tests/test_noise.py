@@ -5,8 +5,9 @@ import os
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 
-from multitun import _fastpath, noise
+from multitun import noise
 
 # The Noise test-vector suite's standard inputs (cacophony, the entry for
 # Noise_NNpsk0_25519_ChaChaPoly_SHA256): prologue "John Galt", the PSK "This is
@@ -43,12 +44,12 @@ def test_known_vector():
     assert responder.write_response(p1) == c1
     assert initiator.read_response(c1) == p1
     # Transport messages: the first under each side's send key (nonce 0, no
-    # associated data), sealed by the data plane's own AEAD.
+    # associated data) show that the split keys are right.
     init_send, init_receive = initiator.keys()
     resp_send, resp_receive = responder.keys()
     assert (init_send, init_receive) == (resp_receive, resp_send)
-    assert _fastpath.aead_seal(init_send, 0, b"", p2) == c2
-    assert _fastpath.aead_seal(resp_send, 0, b"", p3) == c3
+    assert ChaCha20Poly1305(init_send).encrypt(bytes(12), p2, b"") == c2
+    assert ChaCha20Poly1305(resp_send).encrypt(bytes(12), p3, b"") == c3
 
 
 def handshake(psk_i: bytes, psk_r: bytes, prologue_i=b"p", prologue_r=b"p"):

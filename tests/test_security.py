@@ -15,7 +15,7 @@ from multitun.lab import (
 )
 
 from .conftest import requires_root
-from .test_status import status_json
+from .test_status import scrape, status_json
 
 pytestmark = [requires_root, pytest.mark.netns]
 
@@ -57,7 +57,19 @@ def test_sealed_tunnel_carries_both_families(sealed):
     st = status_json(bed, bed.client)
     assert st["security"]["keyed"] and st["security"]["handshakes"] >= 1
     assert all(p["state"] == "up" for p in st["paths"])
-    assert "sealed: ChaCha20-Poly1305" in sealed.logs("server")
+    assert "sealed: AES-256-GCM" in sealed.logs("server")
+
+
+def test_sealed_metrics(bed, tmp_path):
+    key = key_file(tmp_path)
+    with TunnelPair(bed, tmp_path, server_extra=("--key-file", str(key)),
+                    client_extra=("--key-file", str(key), "--metrics", "127.0.0.1:9106")) as pair:
+        pair.wait_carrying()
+        time.sleep(0.3)
+        families = scrape(bed, bed.client, "127.0.0.1:9106")
+        assert families["multitun_handshakes"].samples[0].value >= 1
+        assert 0 <= families["multitun_key_age_seconds"].samples[0].value < 10
+        assert families["multitun_auth_failed"].samples[0].value == 0
 
 
 @pytest.mark.parametrize("offload", [True, False], ids=["offload", "no-offload"])

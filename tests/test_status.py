@@ -128,16 +128,21 @@ def test_only_root_or_the_owner_may_ask(tunnel):
                               "for its status"}
 
 
+def scrape(bed, ns, hostport):
+    """The metric families served at http://HOSTPORT/metrics in namespace ns."""
+    fetch = [sys.executable, "-c", "import urllib.request, sys; sys.stdout.write("
+             f"urllib.request.urlopen('http://{hostport}/metrics').read().decode())"]
+    text = subprocess.run(bed.command(ns, fetch), capture_output=True, text=True,
+                          check=True).stdout
+    return {f.name: f for f in text_string_to_metric_families(text)}
+
+
 def test_metrics_scraped_and_parsed(bed, tmp_path):
     with TunnelPair(bed, tmp_path, client_extra=("--metrics", "127.0.0.1:9105")) as pair:
         pair.wait_carrying()
         tcp_transfer(bed, bed.client, bed.server, TUN_SERVER, data=os.urandom(1 << 20))
         time.sleep(0.5)
-        fetch = [sys.executable, "-c", "import urllib.request, sys; sys.stdout.write("
-                 "urllib.request.urlopen('http://127.0.0.1:9105/metrics').read().decode())"]
-        text = subprocess.run(bed.command(bed.client, fetch), capture_output=True, text=True,
-                              check=True).stdout
-        families = {f.name: f for f in text_string_to_metric_families(text)}
+        families = scrape(bed, bed.client, "127.0.0.1:9105")
         up = {s.labels["path"]: s.value for s in families["multitun_path_up"].samples}
         assert up == {"path0": 1.0, "path1": 1.0}
         rtts = [s.value for s in families["multitun_path_rtt_seconds"].samples]

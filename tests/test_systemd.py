@@ -27,7 +27,9 @@ def test_unit_verifies(tmp_path):
 
 def test_unit_runs_the_config_file_of_the_instance():
     text = UNIT.read_text()
-    assert "ExecStart=/usr/local/bin/multitun --config /etc/multitun/%i.toml" in text
+    assert ("ExecStart=/usr/local/bin/multitun --config /etc/multitun/%i.toml "
+            "--key-file %d/key") in text
+    assert "LoadCredential=key:/etc/multitun/%i.key" in text
     assert "Type=notify" in text and "CapabilityBoundingSet=CAP_NET_ADMIN" in text
 
 

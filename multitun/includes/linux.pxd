@@ -135,7 +135,6 @@ cdef extern from "<endian.h>" nogil:
     uint32_t be32toh(uint32_t)
     uint64_t htobe64(uint64_t)
     uint64_t be64toh(uint64_t)
-    uint64_t htole64(uint64_t)
 
 
 cdef extern from "<time.h>" nogil:
