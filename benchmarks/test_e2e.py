@@ -59,7 +59,8 @@ def test_tcp_throughput_ratio(benchmark, pair):
            bare_gbit_s=round(bare, 2),
            tunnel_gbit_s=round(tunnel, 2), ratio=round(tunnel / bare, 3))
     if pair.command is None:
-        assert tunnel / bare >= 0.10
+        # With TUN segmentation offload and coalescing (issue 6); 0.10 without.
+        assert tunnel / bare >= 0.25
 
 
 @pytest.mark.parametrize("size", [64, 1400])
@@ -77,6 +78,8 @@ def test_udp_packets_per_second(benchmark, pair, size):
     record(benchmark, scenario=f"udp{size}", bare_pps=bare, tunnel_pps=tunnel,
            ratio=round(tunnel / bare, 3))
     assert tunnel > 0
+    if pair.command is None and size == 1400:
+        assert tunnel / bare >= 0.5
 
 
 RTT_MODES = {
@@ -177,7 +180,7 @@ def test_path_outage(benchmark, tunnel_cmd, tmp_path):
         assert lost == 0 and len(received) == 3000
 
 
-SEALED_ROUNDS = 3
+SEALED_ROUNDS = 5
 
 
 def test_sealed_throughput_ratio(benchmark, tmp_path):

@@ -1,7 +1,7 @@
 # Layout of the data plane. Constants live in one enum; they must match
 # multitun/wire.py (tests/test_codec.py checks that they do).
 
-from libc.stdint cimport uint8_t, uint32_t, uint64_t
+from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t
 from .includes.linux cimport (
     epoll_event, iovec, mmsghdr, sockaddr_storage, socklen_t,
 )
@@ -55,6 +55,18 @@ cdef enum:
     # source address (IPV6_PKTINFO, 40 bytes) and a UDP_SEGMENT (24).
     CMSG_WORDS = 8
     CMSG_ROOM = CMSG_WORDS * 8
+    # struct virtio_net_hdr (<linux/virtio_net.h>) before every packet on a
+    # TUN opened with IFF_VNET_HDR: flags, gso_type, hdr_len, gso_size,
+    # csum_start, csum_offset; the 16-bit fields in the host's byte order
+    # (legacy virtio; drivers/net/tun_vnet.h).
+    VNET_HDR_LEN = 10
+    VNET_F_NEEDS_CSUM = 1
+    VNET_GSO_NONE = 0
+    VNET_GSO_TCPV4 = 1
+    VNET_GSO_TCPV6 = 4
+    VNET_GSO_ECN = 0x80
+    # Coalesced TCP segments written to the TUN at once, at most.
+    GRO_MAX_SEGMENTS = 64
     # Return flags of Engine.run().
     WAKE_TIMEOUT = 1
     WAKE_FD = 2
@@ -130,6 +142,32 @@ cdef struct TunnelCounters:
     uint64_t key_mismatch
     uint64_t no_key
     uint64_t key_changes
+    # TUN offloads: segments read whole and split here, and packets that
+    # arrived as several and were written to the TUN as one.
+    uint64_t tun_gso_reads
+    uint64_t tun_gso_dropped
+    uint64_t gro_writes
+    uint64_t gro_coalesced
+
+cdef struct VnetHdr:
+    uint8_t flags
+    uint8_t gso_type
+    uint16_t hdr_len
+    uint16_t gso_size
+    uint16_t csum_start
+    uint16_t csum_offset
+
+cdef struct GroRun:
+    # TCP segments of one flow, coalescing in Engine.grobuf (after room for
+    # a virtio-net header). len 0: no run.
+    size_t len
+    size_t iphl
+    size_t hdrlen
+    size_t mss
+    uint32_t next_seq
+    int segments
+    bint closed
+    bint v6
 
 cdef struct Keypair:
     # id 0: the slot is empty. The id travels in the header's session field.
@@ -187,6 +225,13 @@ cdef class Engine:
     cdef bint event
     # After activity, poll this long before sleeping in epoll_wait (0: never).
     cdef uint64_t busy_poll_ns
+    # The TUN carries virtio-net headers (IFF_VNET_HDR): TSO segments to
+    # split on the way out, TCP segments to coalesce on the way in.
+    cdef bint vnet
+    cdef int ntx
+    cdef uint8_t *gsobuf
+    cdef uint8_t *grobuf
+    cdef GroRun gro
     # Buffers, allocated once.
     cdef uint8_t *txbuf
     cdef size_t txlen[BATCH]
@@ -202,6 +247,14 @@ cdef class Engine:
 
     cdef int _run(self, int timeout_ms) noexcept nogil
     cdef int _tun_to_paths(self) noexcept nogil
+    cdef void _from_vnet(self, uint8_t *p, size_t n) noexcept nogil
+    cdef void _segment_tcp(self, const uint8_t *pkt, size_t n, size_t mss, bint v6) noexcept nogil
+    cdef void _stage(self, size_t n) noexcept nogil
+    cdef void _flush_tx(self) noexcept nogil
+    cdef void _to_tun(self, uint8_t *pkt, size_t n) noexcept nogil
+    cdef bint _coalesce(self, const uint8_t *pkt, size_t n) noexcept nogil
+    cdef void _flush_gro(self) noexcept nogil
+    cdef bint _write_tun(self, uint8_t *buf, size_t n) noexcept nogil
     cdef void _send_batch(self, int path, int n) noexcept nogil
     cdef int _group(self, Endpoint *ep, int first, int n) noexcept nogil
     cdef int _send_one(self, int path, const uint8_t *data, size_t n) noexcept nogil

@@ -407,9 +407,122 @@ cdef inline uint16_t be16(uint16_t v) noexcept nogil:
     return ((v & 0xff) << 8) | (v >> 8)
 
 
+cdef inline uint16_t rd16(const uint8_t *p) noexcept nogil:
+    return (<uint16_t>p[0] << 8) | p[1]
+
+
+cdef inline uint32_t rd32(const uint8_t *p) noexcept nogil:
+    return (<uint32_t>p[0] << 24) | (<uint32_t>p[1] << 16) | (<uint32_t>p[2] << 8) | p[3]
+
+
+cdef inline void wr16(uint8_t *p, uint16_t v) noexcept nogil:
+    p[0] = v >> 8
+    p[1] = v & 0xff
+
+
+cdef inline void wr32(uint8_t *p, uint32_t v) noexcept nogil:
+    p[0] = v >> 24
+    p[1] = (v >> 16) & 0xff
+    p[2] = (v >> 8) & 0xff
+    p[3] = v & 0xff
+
+
+# ------------------------------------------------------ Internet checksums
+# RFC 1071: the ones'-complement sum of 16-bit words. Summed here in the
+# host's byte order, 32 bits at a time into 64 bits, then folded; the result
+# is stored in the host's byte order too, which gives the right bytes either
+# way (RFC 1071 section 2(B), byte order independence).
+
+cdef inline uint64_t csum_add(uint64_t acc, const uint8_t *p, size_t n) noexcept nogil:
+    cdef uint64_t w
+    cdef uint32_t h
+    cdef uint16_t s = 0
+    while n >= 8:
+        memcpy(&w, p, 8)
+        acc += (w & 0xffffffffULL) + (w >> 32)
+        p += 8
+        n -= 8
+    if n >= 4:
+        memcpy(&h, p, 4)
+        acc += h
+        p += 4
+        n -= 4
+    if n >= 2:
+        memcpy(&s, p, 2)
+        acc += s
+        p += 2
+        n -= 2
+    if n:
+        s = 0
+        memcpy(&s, p, 1)  # the odd byte is the high half of a word padded with 0
+        acc += s
+    return acc
+
+
+cdef inline uint16_t csum_fold(uint64_t acc) noexcept nogil:
+    while acc >> 16:
+        acc = (acc & 0xffff) + (acc >> 16)
+    return <uint16_t>acc
+
+
+cdef inline uint64_t pseudo_header(const uint8_t *ip, bint v6, size_t l4len) noexcept nogil:
+    """The sum of the TCP pseudo-header (RFC 9293 3.1, RFC 8200 8.1): both
+    addresses (contiguous in either IP header), protocol 6, L4 length."""
+    cdef uint8_t tail[4]
+    tail[0] = 0
+    tail[1] = 6
+    wr16(tail + 2, <uint16_t>l4len)
+    if v6:
+        return csum_add(csum_add(0, ip + 8, 32), tail, 4)
+    return csum_add(csum_add(0, ip + 12, 8), tail, 4)
+
+
+cdef inline void set_ipv4_checksum(uint8_t *ip, size_t iphl) noexcept nogil:
+    cdef uint16_t c
+    ip[10] = 0
+    ip[11] = 0
+    c = ~csum_fold(csum_add(0, ip, iphl))
+    memcpy(ip + 10, &c, 2)
+
+
+def internet_checksum(const uint8_t[:] data):
+    """The data plane's RFC 1071 checksum, as the two bytes it would store
+    (for tests against a reference)."""
+    cdef uint16_t c
+    cdef size_t n = data.shape[0]
+    c = ~csum_fold(csum_add(0, &data[0] if n else NULL, n))
+    return bytes((<uint8_t *>&c)[:2])
+
+
 cdef inline bint fatal(int e) noexcept nogil:
     # Errors that mean our fd or buffer is wrong, not that a path is unwell.
     return e == EBADF or e == EFAULT or e == EINVAL or e == ENOTSOCK
+
+
+cdef inline size_t tcp_segment_headers(const uint8_t *pkt, size_t n, size_t *iphl) noexcept nogil:
+    """If pkt is a TCP segment that may be coalesced (IPv4 unfragmented or
+    IPv6 without extension headers; payload; only ACK and PSH set), the
+    length of its IP and TCP headers (IP's in *iphl); else 0."""
+    cdef size_t l, thl
+    if n < 40:
+        return 0
+    if pkt[0] >> 4 == 4:
+        l = (pkt[0] & 15) * 4
+        if l < 20 or pkt[9] != 6 or rd16(pkt + 2) != n or rd16(pkt + 6) & 0x3fff:
+            return 0
+    elif pkt[0] >> 4 == 6:
+        l = 40
+        if pkt[6] != 6 or <size_t>rd16(pkt + 4) + 40 != n:
+            return 0
+    else:
+        return 0
+    if n < l + 20:
+        return 0
+    thl = (pkt[l + 12] >> 4) * 4
+    if thl < 20 or l + thl >= n or pkt[l + 13] & ~0x18 or not pkt[l + 13] & 0x10:
+        return 0
+    iphl[0] = l
+    return l + thl
 
 
 # --------------------------------------------------------------------- engine
@@ -426,7 +539,8 @@ cdef class Engine:
     """
 
     def __cinit__(self, int tun_fd, socks, bint server, uint32_t session,
-                  wake_fds=(), bint gso=False, int busy_poll_us=0, bint keyed=False):
+                  wake_fds=(), bint gso=False, int busy_poll_us=0, bint keyed=False,
+                  bint vnet_hdr=False):
         cdef int i
         cdef epoll_event ev
         if session == 0:
@@ -436,8 +550,11 @@ cdef class Engine:
         self.epfd = -1
         self.txbuf = <uint8_t *>malloc(BATCH * SLOT)
         self.rxbuf = <uint8_t *>malloc(BATCH * SLOT)
-        if self.txbuf == NULL or self.rxbuf == NULL:
+        self.gsobuf = <uint8_t *>malloc(SLOT)
+        self.grobuf = <uint8_t *>malloc(SLOT)
+        if self.txbuf == NULL or self.rxbuf == NULL or self.gsobuf == NULL or self.grobuf == NULL:
             raise MemoryError()
+        self.vnet = vnet_hdr
         self.tun_fd = tun_fd
         self.server = server
         self.session = session
@@ -485,6 +602,8 @@ cdef class Engine:
             close(self.epfd)
         free(self.txbuf)
         free(self.rxbuf)
+        free(self.gsobuf)
+        free(self.grobuf)
 
     # ------------------------------------------------------------ Python API
 
@@ -749,47 +868,156 @@ cdef class Engine:
                 return WAKE_TIMEOUT
 
     cdef int _tun_to_paths(self) noexcept nogil:
-        cdef int n = 0, path, err = 0
+        cdef int err = 0
         cdef ssize_t r
         cdef uint8_t *p
-        cdef Keypair *kp = &self.keyring[K_CURRENT]
+        cdef size_t room = VNET_HDR_LEN if self.vnet else 0
         # Take only what is queued now (EAGAIN ends the batch): never wait.
-        while n < BATCH:
-            p = self.txbuf + n * SLOT
-            r = read(self.tun_fd, p + HEADER_LEN, SLOT - HEADER_LEN - TAG_LEN)
+        # A packet is read just after its slot's header room (less the
+        # virtio-net header's, which lands in that room).
+        self.ntx = 0
+        while self.ntx < BATCH:
+            p = self.txbuf + self.ntx * SLOT + HEADER_LEN - room
+            r = read(self.tun_fd, p, SLOT - HEADER_LEN - TAG_LEN + room)
             if r < 0:
                 if errno == EINTR:
                     continue
                 if errno != EAGAIN:
                     err = -errno
                 break
-            if r == 0:
+            if r <= <ssize_t>room:
                 break
-            self.ctr.tun_rx_packets += 1
-            self.ctr.tun_rx_bytes += <uint64_t>r
-            if not self.keyed:
-                self.tx_seq += 1
-                put_header(p, VERSION_PLAIN, T_DATA, 0, self.session, self.tx_seq)
-                self.txlen[n] = <size_t>r + HEADER_LEN
+            if self.vnet:
+                self._from_vnet(p, <size_t>r - room)
             else:
-                # No key yet (handshake under way) or this one is used up:
-                # the packet cannot leave. Sealed once, sent on every path.
-                if kp.id == 0 or kp.tx_seq >= REJECT_AFTER_MESSAGES:
-                    self.ctr.no_key += 1
-                    continue
-                kp.tx_seq += 1
-                put_header(p, VERSION_SEALED, T_DATA, 0, kp.id, kp.tx_seq)
-                if not seal_packet(kp, p, <size_t>r + HEADER_LEN, kp.tx_seq):
-                    self.ctr.no_key += 1
-                    continue
-                self.txlen[n] = <size_t>r + HEADER_LEN + TAG_LEN
-            n += 1
-        if n:
-            self.ctr.tun_batches += 1
-            for path in range(MAX_PATHS):
-                if self.eps[path].fd >= 0:
-                    self._send_batch(path, n)
+                self._stage(<size_t>r)
+        self._flush_tx()
         return err
+
+    cdef void _from_vnet(self, uint8_t *p, size_t n) noexcept nogil:
+        """A packet read after its virtio-net header at p: complete its
+        checksum, or split it if it is a TSO segment, and stage the result."""
+        cdef VnetHdr h
+        cdef uint8_t *pkt = p + VNET_HDR_LEN
+        cdef uint8_t gso
+        cdef uint16_t c
+        memcpy(&h, p, VNET_HDR_LEN)
+        gso = h.gso_type & ~VNET_GSO_ECN
+        if gso == VNET_GSO_NONE:
+            if h.flags & VNET_F_NEEDS_CSUM:
+                # CHECKSUM_PARTIAL: the field holds the pseudo-header sum;
+                # summing from csum_start over it completes the checksum.
+                if <size_t>h.csum_start + h.csum_offset + 2 > n:
+                    self.ctr.tun_gso_dropped += 1
+                    return
+                c = ~csum_fold(csum_add(0, pkt + h.csum_start, n - h.csum_start))
+                memcpy(pkt + h.csum_start + h.csum_offset, &c, 2)
+            self._stage(n)
+            return
+        self.ctr.tun_gso_reads += 1
+        if (gso != VNET_GSO_TCPV4 and gso != VNET_GSO_TCPV6) or h.gso_size == 0:
+            self.ctr.tun_gso_dropped += 1
+            return
+        # Segments go into the slots from this one on: move the whole out.
+        memcpy(self.gsobuf, pkt, n)
+        self._segment_tcp(self.gsobuf, n, h.gso_size, gso == VNET_GSO_TCPV6)
+
+    cdef void _segment_tcp(self, const uint8_t *pkt, size_t n, size_t mss,
+                           bint v6) noexcept nogil:
+        """Split a TSO segment into packets of mss bytes of payload, as the
+        kernel's tcp_gso_segment() would (net/ipv4/tcp_offload.c): the
+        headers copied, sequence numbers advanced, IPv4 ids counted up, FIN
+        and PSH only on the last packet, CWR only on the first, and every
+        checksum computed."""
+        cdef size_t iphl, thl, hdrlen, payload, off = 0, seg
+        cdef uint32_t seq0
+        cdef uint16_t id0, c
+        cdef uint8_t flags, f
+        cdef uint8_t *out
+        cdef uint8_t *tcp
+        cdef int i = 0
+        if v6:
+            iphl = 40
+            if n < iphl + 20 or pkt[0] >> 4 != 6 or pkt[6] != 6:  # next header TCP, no extensions
+                self.ctr.tun_gso_dropped += 1
+                return
+        else:
+            iphl = (pkt[0] & 15) * 4
+            if iphl < 20 or n < iphl + 20 or pkt[0] >> 4 != 4 or pkt[9] != 6:
+                self.ctr.tun_gso_dropped += 1
+                return
+        thl = (pkt[iphl + 12] >> 4) * 4
+        hdrlen = iphl + thl
+        if thl < 20 or hdrlen >= n:
+            self.ctr.tun_gso_dropped += 1
+            return
+        payload = n - hdrlen
+        seq0 = rd32(pkt + iphl + 4)
+        id0 = rd16(pkt + 4)
+        flags = pkt[iphl + 13]
+        while off < payload:
+            seg = payload - off if payload - off < mss else mss
+            if self.ntx == BATCH:
+                self._flush_tx()
+            out = self.txbuf + self.ntx * SLOT + HEADER_LEN
+            memcpy(out, pkt, hdrlen)
+            memcpy(out + hdrlen, pkt + hdrlen + off, seg)
+            tcp = out + iphl
+            wr32(tcp + 4, seq0 + <uint32_t>off)
+            f = flags
+            if off + seg < payload:
+                f &= ~(0x01 | 0x08)  # FIN, PSH
+            if i > 0:
+                f &= ~0x80  # CWR
+            tcp[13] = f
+            if v6:
+                wr16(out + 4, <uint16_t>(thl + seg))
+            else:
+                wr16(out + 2, <uint16_t>(hdrlen + seg))
+                wr16(out + 4, <uint16_t>(id0 + i))
+                set_ipv4_checksum(out, iphl)
+            tcp[16] = 0
+            tcp[17] = 0
+            c = ~csum_fold(csum_add(pseudo_header(out, v6, thl + seg), tcp, thl + seg))
+            memcpy(tcp + 16, &c, 2)
+            self._stage(hdrlen + seg)
+            off += seg
+            i += 1
+
+    cdef void _stage(self, size_t n) noexcept nogil:
+        """The packet of n bytes in slot ntx (after its header room) is to be
+        sent: give it its header (and seal it) and take the next slot."""
+        cdef uint8_t *p = self.txbuf + self.ntx * SLOT
+        cdef Keypair *kp = &self.keyring[K_CURRENT]
+        self.ctr.tun_rx_packets += 1
+        self.ctr.tun_rx_bytes += n
+        if not self.keyed:
+            self.tx_seq += 1
+            put_header(p, VERSION_PLAIN, T_DATA, 0, self.session, self.tx_seq)
+            self.txlen[self.ntx] = n + HEADER_LEN
+        else:
+            # No key yet (handshake under way) or this one is used up: the
+            # packet cannot leave. Sealed once, sent on every path.
+            if kp.id == 0 or kp.tx_seq >= REJECT_AFTER_MESSAGES:
+                self.ctr.no_key += 1
+                return
+            kp.tx_seq += 1
+            put_header(p, VERSION_SEALED, T_DATA, 0, kp.id, kp.tx_seq)
+            if not seal_packet(kp, p, n + HEADER_LEN, kp.tx_seq):
+                self.ctr.no_key += 1
+                return
+            self.txlen[self.ntx] = n + HEADER_LEN + TAG_LEN
+        self.ntx += 1
+
+    cdef void _flush_tx(self) noexcept nogil:
+        cdef int path
+        if self.ntx == 0:
+            return
+        self.ctr.tun_batches += 1
+        for path in range(MAX_PATHS):
+            if self.eps[path].fd >= 0:
+                self._send_batch(path, self.ntx)
+        self.ntx = 0
 
     cdef void _send_batch(self, int path, int n) noexcept nogil:
         """Send the n packets read from the TUN on one path: one sendmmsg()
@@ -955,6 +1183,7 @@ cdef class Engine:
             while off < n:
                 self._receive(sock, p + off, seg if n - off > seg else n - off, m, now)
                 off += seg
+        self._flush_gro()
         return 0
 
     cdef void _receive(self, int sock, uint8_t *p, size_t n, mmsghdr *m,
@@ -1048,26 +1277,135 @@ cdef class Engine:
         ep.c.last_rx_ns = now
 
     cdef void _deliver(self, int path, int verdict, uint8_t *p, size_t n) noexcept nogil:
-        """DATA p[:n] (in clear) that the window judged: write it to the TUN
+        """DATA p[:n] (in clear) that the window judged: hand it to the TUN
         if it is the first copy, else count it."""
         cdef Endpoint *ep = &self.eps[path]
-        cdef ssize_t w
         if verdict == W_NEW:
-            while True:
-                w = write(self.tun_fd, p + HEADER_LEN, n - HEADER_LEN)
-                if w >= 0 or errno != EINTR:
-                    break
-            if w < 0:
-                self.ctr.tun_write_errors += 1
-            else:
-                self.ctr.delivered += 1
-                self.ctr.delivered_bytes += n - HEADER_LEN
-                ep.c.first_arrivals += 1
+            self.ctr.delivered += 1
+            self.ctr.delivered_bytes += n - HEADER_LEN
+            ep.c.first_arrivals += 1
+            self._to_tun(p + HEADER_LEN, n - HEADER_LEN)
         elif verdict == W_DUPLICATE:
             self.ctr.duplicates += 1
             ep.c.duplicates += 1
         else:
             self.ctr.too_old += 1
+
+    cdef void _to_tun(self, uint8_t *pkt, size_t n) noexcept nogil:
+        """Write a packet to the TUN; with virtio-net headers, TCP segments
+        of one flow that follow each other are coalesced first (as the
+        kernel's GRO would) and written as one, so the stack above makes one
+        pass for them. pkt has HEADER_LEN bytes of room before it."""
+        cdef uint8_t *run = self.grobuf + VNET_HDR_LEN
+        cdef size_t iphl, hdrlen
+        cdef uint8_t flags
+        if not self.vnet:
+            self._write_tun(pkt, n)
+            return
+        if self.gro.len and self._coalesce(pkt, n):
+            return
+        self._flush_gro()
+        hdrlen = tcp_segment_headers(pkt, n, &iphl)
+        if hdrlen:
+            flags = pkt[iphl + 13]
+            memcpy(run, pkt, n)
+            self.gro.len = n
+            self.gro.iphl = iphl
+            self.gro.hdrlen = hdrlen
+            self.gro.mss = n - hdrlen
+            self.gro.next_seq = rd32(pkt + iphl + 4) + <uint32_t>(n - hdrlen)
+            self.gro.segments = 1
+            self.gro.closed = (flags & 0x08) != 0  # PSH: nothing may follow it
+            self.gro.v6 = pkt[0] >> 4 == 6
+            return
+        memset(pkt - VNET_HDR_LEN, 0, VNET_HDR_LEN)  # no offload asked for this one
+        self._write_tun(pkt - VNET_HDR_LEN, n + VNET_HDR_LEN)
+
+    cdef bint _coalesce(self, const uint8_t *pkt, size_t n) noexcept nogil:
+        """Append pkt to the run if it is the next segment of the same flow
+        with the same headers (but for lengths, ids, sequence numbers,
+        checksums and PSH), no longer than the first, and all fits in one
+        IP packet (net/ipv4/tcp_offload.c, tcp_gro_receive(), flushes on
+        the same differences)."""
+        cdef GroRun *g = &self.gro
+        cdef const uint8_t *run = self.grobuf + VNET_HDR_LEN
+        cdef const uint8_t *a
+        cdef const uint8_t *b
+        cdef size_t iphl, hdrlen, payload
+        if g.closed or g.segments >= GRO_MAX_SEGMENTS:
+            return False
+        hdrlen = tcp_segment_headers(pkt, n, &iphl)
+        if hdrlen != g.hdrlen or iphl != g.iphl or (pkt[0] >> 4 == 6) != g.v6:
+            return False
+        payload = n - hdrlen
+        if payload > g.mss or g.len + payload > 65535 + (40 if g.v6 else 0):
+            return False
+        a = run + iphl
+        b = pkt + iphl
+        if rd32(b + 4) != g.next_seq:
+            return False
+        if g.v6:
+            if memcmp(run, pkt, 4) != 0 or memcmp(run + 6, pkt + 6, 34) != 0:
+                return False
+        elif (memcmp(run, pkt, 2) != 0 or memcmp(run + 6, pkt + 6, 4) != 0
+              or memcmp(run + 12, pkt + 12, iphl - 12) != 0):
+            return False
+        if (memcmp(a, b, 4) != 0 or memcmp(a + 8, b + 8, 5) != 0
+                or (a[13] ^ b[13]) & ~0x08 or memcmp(a + 14, b + 14, 2) != 0
+                or memcmp(a + 18, b + 18, hdrlen - iphl - 18) != 0):
+            return False
+        memcpy(self.grobuf + VNET_HDR_LEN + g.len, pkt + hdrlen, payload)
+        g.len += payload
+        g.next_seq += <uint32_t>payload
+        g.segments += 1
+        if payload < g.mss or b[13] & 0x08:
+            # A short segment ends what the sender wrote; PSH says deliver now.
+            (self.grobuf + VNET_HDR_LEN + iphl)[13] |= b[13] & 0x08
+            g.closed = True
+        return True
+
+    cdef void _flush_gro(self) noexcept nogil:
+        """Write the run to the TUN: one segment as it came, several as one
+        packet with a virtio-net header asking the kernel to treat it as
+        GSO, its checksum partial (the pseudo-header sum, as the kernel's
+        own CHECKSUM_PARTIAL packets carry)."""
+        cdef GroRun *g = &self.gro
+        cdef uint8_t *run = self.grobuf + VNET_HDR_LEN
+        cdef VnetHdr h
+        cdef uint16_t c
+        if g.len == 0:
+            return
+        memset(&h, 0, sizeof(VnetHdr))
+        if g.segments > 1:
+            if g.v6:
+                wr16(run + 4, <uint16_t>(g.len - 40))
+            else:
+                wr16(run + 2, <uint16_t>g.len)
+                set_ipv4_checksum(run, g.iphl)
+            c = csum_fold(pseudo_header(run, g.v6, g.len - g.iphl))
+            memcpy(run + g.iphl + 16, &c, 2)
+            h.flags = VNET_F_NEEDS_CSUM
+            h.gso_type = VNET_GSO_TCPV6 if g.v6 else VNET_GSO_TCPV4
+            h.hdr_len = <uint16_t>g.hdrlen
+            h.gso_size = <uint16_t>g.mss
+            h.csum_start = <uint16_t>g.iphl
+            h.csum_offset = 16
+            self.ctr.gro_writes += 1
+            self.ctr.gro_coalesced += g.segments
+        memcpy(self.grobuf, &h, VNET_HDR_LEN)
+        self._write_tun(self.grobuf, VNET_HDR_LEN + g.len)
+        g.len = 0
+
+    cdef bint _write_tun(self, uint8_t *buf, size_t n) noexcept nogil:
+        cdef ssize_t w
+        while True:
+            w = write(self.tun_fd, buf, n)
+            if w >= 0 or errno != EINTR:
+                break
+        if w < 0:
+            self.ctr.tun_write_errors += 1
+            return False
+        return True
 
     cdef Keypair *_keypair(self, uint32_t id) noexcept nogil:
         cdef int i

@@ -4,6 +4,13 @@ pyroute2 can create TUN devices but closes the fd and leaves them persistent,
 so /dev/net/tun is opened here (Documentation/networking/tuntap.rst). The device
 is not made persistent: it disappears when the last fd closes, which is when this
 process exits, however it exits.
+
+With offloads the device is opened with IFF_VNET_HDR: every read and write
+starts with a struct virtio_net_hdr (<linux/virtio_net.h>, 10 bytes). After
+TUNSETOFFLOAD (TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6) the kernel hands over TCP
+segments of up to 64 KB with their checksums left to us, which the data plane
+splits; and it accepts such segments back, which the data plane builds by
+coalescing what arrives (drivers/net/tun.c, tun_get_user / tun_put_user).
 """
 
 from __future__ import annotations
@@ -20,15 +27,25 @@ from .errors import SetupError
 
 # <linux/if_tun.h>
 TUNSETIFF = 0x400454CA
+TUNSETOFFLOAD = 0x400454D0
+TUNSETVNETHDRSZ = 0x400454D8
 IFF_TUN = 0x0001
 IFF_NO_PI = 0x1000
+IFF_VNET_HDR = 0x4000
+TUN_F_CSUM = 0x01
+TUN_F_TSO4 = 0x02
+TUN_F_TSO6 = 0x04
+VNET_HDR_LEN = 10
 IFNAMSIZ = 16
 # <linux/if_addr.h>: a TUN has no link-layer neighbours to detect duplicates on.
 IFA_F_NODAD = 0x02
 
 
 class TunDevice:
-    def __init__(self, name: str) -> None:
+    """``offload``: ask for virtio-net headers and TCP segmentation offload.
+    ``vnet_hdr`` and ``tso`` say what the kernel granted."""
+
+    def __init__(self, name: str, offload: bool = False) -> None:
         if len(name.encode()) >= IFNAMSIZ:
             raise SetupError(f"device name {name!r} is longer than {IFNAMSIZ - 1} bytes")
         try:
@@ -37,7 +54,8 @@ class TunDevice:
             raise SetupError("/dev/net/tun is missing (is the tun module loaded?)") from None
         except PermissionError:
             raise SetupError("needs root or CAP_NET_ADMIN to create a TUN device") from None
-        ifr = struct.pack(f"{IFNAMSIZ}sH22x", name.encode(), IFF_TUN | IFF_NO_PI)
+        flags = IFF_TUN | IFF_NO_PI | (IFF_VNET_HDR if offload else 0)
+        ifr = struct.pack(f"{IFNAMSIZ}sH22x", name.encode(), flags)
         try:
             ifr = fcntl.ioctl(self.fd, TUNSETIFF, ifr)
         except OSError as e:
@@ -46,6 +64,18 @@ class TunDevice:
                 raise SetupError("needs root or CAP_NET_ADMIN to create a TUN device") from None
             raise SetupError(f"cannot create TUN device {name!r}: {e.strerror}") from None
         self.name = ifr[:IFNAMSIZ].rstrip(b"\0").decode()
+        self.vnet_hdr = offload
+        self.tso = offload and self._offload()
+
+    def _offload(self) -> bool:
+        """TUNSETOFFLOAD; False if the kernel refuses (then reads carry a
+        virtio-net header that never announces a segment, and that is all)."""
+        try:
+            fcntl.ioctl(self.fd, TUNSETVNETHDRSZ, struct.pack("i", VNET_HDR_LEN))
+            fcntl.ioctl(self.fd, TUNSETOFFLOAD, TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6)
+        except OSError:
+            return False
+        return True
 
     def configure(self, addresses: tuple[IPInterface, ...], mtu: int) -> None:
         with IPRoute() as ipr:

@@ -84,7 +84,7 @@ class Tunnel:
             wake_fd = self._install_signals(stack)
             if cfg.low_latency:
                 stack.enter_context(cpu_latency_qos())
-            device = TunDevice(cfg.dev)
+            device = TunDevice(cfg.dev, offload=cfg.offload)
             stack.callback(device.close)
             self.dev = device.name
             device.configure(cfg.tun_addresses, cfg.effective_mtu)
@@ -101,7 +101,8 @@ class Tunnel:
             self.engine = Engine(
                 device.fd, [s.fileno() for s in socks], cfg.is_server, new_session(),
                 (wake_fd, self.status.fileno()), gso=gso,
-                busy_poll_us=cfg.effective_busy_poll_us, keyed=cfg.key is not None)
+                busy_poll_us=cfg.effective_busy_poll_us, keyed=cfg.key is not None,
+                vnet_hdr=device.vnet_hdr)
             if cfg.key is not None:
                 keying = ServerKeying if cfg.is_server else ClientKeying
                 self.keying = keying(self.engine, cfg.key)
@@ -114,7 +115,7 @@ class Tunnel:
             if cfg.metrics:
                 metrics = MetricsServer(cfg.metrics[0], cfg.metrics[1], lambda: self.published)
                 stack.callback(metrics.close)
-            self._log_start(gso, gro)
+            self._log_start(gso, gro, device.tso)
             notify_systemd("READY=1")
             self._loop()
             notify_systemd("STOPPING=1")
@@ -147,7 +148,7 @@ class Tunnel:
 
     # --------------------------------------------------------------- logging
 
-    def _log_start(self, gso: bool, gro: bool) -> None:
+    def _log_start(self, gso: bool, gro: bool, tso: bool) -> None:
         cfg = self.config
         addrs = ", ".join(str(a) for a in cfg.tun_addresses)
         log.info("multitun %s %s on %s (%s, mtu %d), session %08x", __version__,
@@ -160,9 +161,11 @@ class Tunnel:
         if not cfg.offload:
             log.info("offloads off (--no-offload): datagrams sent and received one by one")
         else:
-            log.info("UDP GSO on send: %s; UDP GRO on receive: %s",
+            log.info("UDP GSO on send: %s; UDP GRO on receive: %s; TUN segmentation "
+                     "offload (TSO, split here) and coalescing: %s",
                      "on" if gso else "not supported by this kernel",
-                     "on" if gro else "not supported by this kernel")
+                     "on" if gro else "not supported by this kernel",
+                     "on" if tso else "not supported by this kernel")
         if cfg.metrics:
             log.info("metrics on http://%s/metrics", _hostport(*cfg.metrics))
         if self.keying:
@@ -353,7 +356,7 @@ class Tunnel:
         tunnel_keys = ("tun_rx_packets", "tun_rx_bytes", "delivered", "delivered_bytes",
                        "duplicates", "too_old", "malformed", "wrong_session", "unknown_source",
                        "tun_write_errors", "send_dropped", "auth_failed", "key_mismatch",
-                       "no_key")
+                       "no_key", "tun_gso_reads", "tun_gso_dropped", "gro_writes", "gro_coalesced")
         return {
             "version": __version__, "role": "server" if cfg.is_server else "client",
             "dev": self.dev, "pid": os.getpid(),

@@ -27,8 +27,10 @@ def session_keys(psk: bytes = bytes(range(32))) -> tuple[tuple[bytes, bytes], tu
 
 
 class EnginePair:
-    def __init__(self, gso: bool = True, keyed: bool = False, ready: bool = True) -> None:
-        """``ready``: sessions adopted (in clear) or keys installed (sealed)."""
+    def __init__(self, gso: bool = True, keyed: bool = False, ready: bool = True,
+                 vnet_hdr: bool = False) -> None:
+        """``ready``: sessions adopted (in clear) or keys installed (sealed).
+        ``vnet_hdr``: the "TUN" carries virtio-net headers (TUN offloads)."""
         self.keyed = keyed
         self.udp = [socket.socket(socket.AF_INET, socket.SOCK_DGRAM | socket.SOCK_NONBLOCK)
                     for _ in range(2)]
@@ -46,7 +48,8 @@ class EnginePair:
                 s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 << 20)
                 s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
         self.engines = [Engine(self.tun[i][0].fileno(), [self.udp[i].fileno()], False,
-                               0x1000 + i, gso=gso, keyed=keyed) for i in range(2)]
+                               0x1000 + i, gso=gso, keyed=keyed, vnet_hdr=vnet_hdr)
+                        for i in range(2)]
         port = [s.getsockname()[1] for s in self.udp]
         for i, e in enumerate(self.engines):
             e.set_remote(0, socket.inet_aton("127.0.0.1"), port[1 - i], True)

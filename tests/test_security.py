@@ -16,6 +16,7 @@ from multitun.lab import (
 
 from .conftest import requires_root
 from .test_status import scrape, status_json
+from .test_tunnel import udp_intact
 
 pytestmark = [requires_root, pytest.mark.netns]
 
@@ -73,7 +74,7 @@ def test_sealed_metrics(bed, tmp_path):
 
 
 @pytest.mark.parametrize("offload", [True, False], ids=["offload", "no-offload"])
-def test_sealed_tcp_transfers_intact_both_ways(bed, tmp_path, offload):
+def test_sealed_transfers_intact_both_ways(bed, tmp_path, offload):
     key = key_file(tmp_path)
     extra = () if offload else ("--no-offload",)
     with TunnelPair(bed, tmp_path, server_extra=("--key-file", str(key), *extra),
@@ -85,6 +86,7 @@ def test_sealed_tcp_transfers_intact_both_ways(bed, tmp_path, offload):
             result = tcp_transfer(bed, src, dst_ns, dst, data=data)
             assert result.received == len(data)
             assert result.received_sha256 == result.sent_sha256
+            udp_intact(bed, src, dst_ns, dst)
 
 
 @pytest.mark.parametrize("keyed_tunnel", [False, True], ids=["in-clear", "sealed"])
