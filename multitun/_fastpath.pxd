@@ -64,6 +64,7 @@ cdef enum:
     VNET_GSO_NONE = 0
     VNET_GSO_TCPV4 = 1
     VNET_GSO_TCPV6 = 4
+    VNET_GSO_UDP_L4 = 5
     VNET_GSO_ECN = 0x80
     # Coalesced TCP segments written to the TUN at once, at most.
     GRO_MAX_SEGMENTS = 64
@@ -249,6 +250,7 @@ cdef class Engine:
     cdef int _tun_to_paths(self) noexcept nogil
     cdef void _from_vnet(self, uint8_t *p, size_t n) noexcept nogil
     cdef void _segment_tcp(self, const uint8_t *pkt, size_t n, size_t mss, bint v6) noexcept nogil
+    cdef void _segment_udp(self, const uint8_t *pkt, size_t n, size_t mss) noexcept nogil
     cdef void _stage(self, size_t n) noexcept nogil
     cdef void _flush_tx(self) noexcept nogil
     cdef void _to_tun(self, uint8_t *pkt, size_t n) noexcept nogil

@@ -465,12 +465,14 @@ cdef inline uint16_t csum_fold(uint64_t acc) noexcept nogil:
     return <uint16_t>acc
 
 
-cdef inline uint64_t pseudo_header(const uint8_t *ip, bint v6, size_t l4len) noexcept nogil:
-    """The sum of the TCP pseudo-header (RFC 9293 3.1, RFC 8200 8.1): both
-    addresses (contiguous in either IP header), protocol 6, L4 length."""
+cdef inline uint64_t pseudo_header(const uint8_t *ip, bint v6, size_t l4len,
+                                   uint8_t proto=6) noexcept nogil:
+    """The sum of the TCP or UDP pseudo-header (RFC 9293 3.1, RFC 768,
+    RFC 8200 8.1): both addresses (contiguous in either IP header), the
+    protocol, the L4 length."""
     cdef uint8_t tail[4]
     tail[0] = 0
-    tail[1] = 6
+    tail[1] = proto
     wr16(tail + 2, <uint16_t>l4len)
     if v6:
         return csum_add(csum_add(0, ip + 8, 32), tail, 4)
@@ -915,12 +917,64 @@ cdef class Engine:
             self._stage(n)
             return
         self.ctr.tun_gso_reads += 1
-        if (gso != VNET_GSO_TCPV4 and gso != VNET_GSO_TCPV6) or h.gso_size == 0:
+        if (gso != VNET_GSO_TCPV4 and gso != VNET_GSO_TCPV6 and gso != VNET_GSO_UDP_L4
+                or h.gso_size == 0):
             self.ctr.tun_gso_dropped += 1
             return
         # Segments go into the slots from this one on: move the whole out.
         memcpy(self.gsobuf, pkt, n)
-        self._segment_tcp(self.gsobuf, n, h.gso_size, gso == VNET_GSO_TCPV6)
+        if gso == VNET_GSO_UDP_L4:
+            self._segment_udp(self.gsobuf, n, h.gso_size)
+        else:
+            self._segment_tcp(self.gsobuf, n, h.gso_size, gso == VNET_GSO_TCPV6)
+
+    cdef void _segment_udp(self, const uint8_t *pkt, size_t n, size_t mss) noexcept nogil:
+        """Split a UDP GSO segment into datagrams of mss bytes of payload
+        (the last may be shorter), as the kernel's __udp_gso_segment() does
+        (net/ipv4/udp_offload.c): headers copied, lengths set, IPv4 ids
+        counted up, checksums computed (0 is sent as 0xffff, RFC 768)."""
+        cdef size_t iphl, payload, off = 0, seg
+        cdef uint16_t id0, c
+        cdef uint8_t *out
+        cdef uint8_t *udp
+        cdef int i = 0
+        cdef bint v6 = pkt[0] >> 4 == 6
+        if v6:
+            iphl = 40
+            if n < iphl + 8 or pkt[6] != 17:
+                self.ctr.tun_gso_dropped += 1
+                return
+        else:
+            iphl = (pkt[0] & 15) * 4
+            if pkt[0] >> 4 != 4 or iphl < 20 or n < iphl + 8 or pkt[9] != 17:
+                self.ctr.tun_gso_dropped += 1
+                return
+        payload = n - iphl - 8
+        id0 = rd16(pkt + 4)
+        while off < payload:
+            seg = payload - off if payload - off < mss else mss
+            if self.ntx == BATCH:
+                self._flush_tx()
+            out = self.txbuf + self.ntx * SLOT + HEADER_LEN
+            memcpy(out, pkt, iphl + 8)
+            memcpy(out + iphl + 8, pkt + iphl + 8 + off, seg)
+            udp = out + iphl
+            wr16(udp + 4, <uint16_t>(8 + seg))
+            if v6:
+                wr16(out + 4, <uint16_t>(8 + seg))
+            else:
+                wr16(out + 2, <uint16_t>(iphl + 8 + seg))
+                wr16(out + 4, <uint16_t>(id0 + i))
+                set_ipv4_checksum(out, iphl)
+            udp[6] = 0
+            udp[7] = 0
+            c = ~csum_fold(csum_add(pseudo_header(out, v6, 8 + seg, 17), udp, 8 + seg))
+            if c == 0:
+                c = 0xffff
+            memcpy(udp + 6, &c, 2)
+            self._stage(iphl + 8 + seg)
+            off += seg
+            i += 1
 
     cdef void _segment_tcp(self, const uint8_t *pkt, size_t n, size_t mss,
                            bint v6) noexcept nogil:

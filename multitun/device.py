@@ -7,10 +7,11 @@ process exits, however it exits.
 
 With offloads the device is opened with IFF_VNET_HDR: every read and write
 starts with a struct virtio_net_hdr (<linux/virtio_net.h>, 10 bytes). After
-TUNSETOFFLOAD (TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6) the kernel hands over TCP
-segments of up to 64 KB with their checksums left to us, which the data plane
-splits; and it accepts such segments back, which the data plane builds by
-coalescing what arrives (drivers/net/tun.c, tun_get_user / tun_put_user).
+TUNSETOFFLOAD (TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6, and TUN_F_USO4 |
+TUN_F_USO6 on Linux 6.2 and later) the kernel hands over TCP (and UDP) segments
+of up to 64 KB with their checksums left to us, which the data plane splits;
+and it accepts TCP segments back, which the data plane builds by coalescing
+what arrives (drivers/net/tun.c, tun_get_user / tun_put_user).
 """
 
 from __future__ import annotations
@@ -35,6 +36,8 @@ IFF_VNET_HDR = 0x4000
 TUN_F_CSUM = 0x01
 TUN_F_TSO4 = 0x02
 TUN_F_TSO6 = 0x04
+TUN_F_USO4 = 0x20
+TUN_F_USO6 = 0x40
 VNET_HDR_LEN = 10
 IFNAMSIZ = 16
 # <linux/if_addr.h>: a TUN has no link-layer neighbours to detect duplicates on.
@@ -42,8 +45,8 @@ IFA_F_NODAD = 0x02
 
 
 class TunDevice:
-    """``offload``: ask for virtio-net headers and TCP segmentation offload.
-    ``vnet_hdr`` and ``tso`` say what the kernel granted."""
+    """``offload``: ask for virtio-net headers and segmentation offloads.
+    ``vnet_hdr``, ``tso`` and ``uso`` say what the kernel granted."""
 
     def __init__(self, name: str, offload: bool = False) -> None:
         if len(name.encode()) >= IFNAMSIZ:
@@ -65,17 +68,26 @@ class TunDevice:
             raise SetupError(f"cannot create TUN device {name!r}: {e.strerror}") from None
         self.name = ifr[:IFNAMSIZ].rstrip(b"\0").decode()
         self.vnet_hdr = offload
-        self.tso = offload and self._offload()
+        self.tso = self.uso = False
+        if offload:
+            self._offload()
 
-    def _offload(self) -> bool:
-        """TUNSETOFFLOAD; False if the kernel refuses (then reads carry a
-        virtio-net header that never announces a segment, and that is all)."""
+    def _offload(self) -> None:
+        """TUNSETOFFLOAD, with USO if the kernel knows it (EINVAL before 6.2),
+        else TSO alone, else nothing: then reads carry a virtio-net header
+        that never announces a segment, and that is all."""
+        tso = TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6
         try:
             fcntl.ioctl(self.fd, TUNSETVNETHDRSZ, struct.pack("i", VNET_HDR_LEN))
-            fcntl.ioctl(self.fd, TUNSETOFFLOAD, TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6)
         except OSError:
-            return False
-        return True
+            return
+        for flags in (tso | TUN_F_USO4 | TUN_F_USO6, tso):
+            try:
+                fcntl.ioctl(self.fd, TUNSETOFFLOAD, flags)
+            except OSError:
+                continue
+            self.tso, self.uso = True, bool(flags & TUN_F_USO4)
+            return
 
     def configure(self, addresses: tuple[IPInterface, ...], mtu: int) -> None:
         with IPRoute() as ipr:

@@ -153,6 +153,20 @@ def render(st: dict) -> str:
         f"{t['too_old']} too old, {t['malformed']} malformed, {t['wrong_session']} wrong "
         f"session, {t['unknown_source']} unknown source",
     ]
+    sec = st["security"]
+    if sec["keyed"]:
+        lines.append(
+            f"sealed: {sec['cipher']}, keys {sec['key_id'] or 'none yet'}"
+            + (f" ({sec['key_age_s']:.0f}s old)" if sec["key_age_s"] is not None else "")
+            + f", {sec['handshakes']} handshakes; refused: {t['auth_failed']} packets failing "
+            f"authentication, {sec['handshake_auth_failed']} handshakes failing it, "
+            f"{sec['handshake_replayed']} replayed, {sec['handshake_rate_limited']} over the "
+            f"rate limit")
+    else:
+        lines.append("in clear: no --key-file (neither authenticated nor encrypted)")
+    if t["key_mismatch"]:
+        lines.append(f"{t['key_mismatch']} packets from a peer of the other mode "
+                     "(a key on one end only)")
     return "\n".join(lines)
 
 

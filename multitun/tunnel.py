@@ -115,7 +115,7 @@ class Tunnel:
             if cfg.metrics:
                 metrics = MetricsServer(cfg.metrics[0], cfg.metrics[1], lambda: self.published)
                 stack.callback(metrics.close)
-            self._log_start(gso, gro, device.tso)
+            self._log_start(gso, gro, device)
             notify_systemd("READY=1")
             self._loop()
             notify_systemd("STOPPING=1")
@@ -148,7 +148,7 @@ class Tunnel:
 
     # --------------------------------------------------------------- logging
 
-    def _log_start(self, gso: bool, gro: bool, tso: bool) -> None:
+    def _log_start(self, gso: bool, gro: bool, device: TunDevice) -> None:
         cfg = self.config
         addrs = ", ".join(str(a) for a in cfg.tun_addresses)
         log.info("multitun %s %s on %s (%s, mtu %d), session %08x", __version__,
@@ -162,10 +162,11 @@ class Tunnel:
             log.info("offloads off (--no-offload): datagrams sent and received one by one")
         else:
             log.info("UDP GSO on send: %s; UDP GRO on receive: %s; TUN segmentation "
-                     "offload (TSO, split here) and coalescing: %s",
+                     "offload (split here) and TCP coalescing: %s",
                      "on" if gso else "not supported by this kernel",
                      "on" if gro else "not supported by this kernel",
-                     "on" if tso else "not supported by this kernel")
+                     "TCP and UDP" if device.uso else "TCP" if device.tso
+                     else "not supported by this kernel")
         if cfg.metrics:
             log.info("metrics on http://%s/metrics", _hostport(*cfg.metrics))
         if self.keying:

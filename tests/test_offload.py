@@ -15,7 +15,7 @@ from multitun import _fastpath, wire
 from .engine_pair import EnginePair
 
 VNET = struct.Struct("=BBHHHH")  # struct virtio_net_hdr, host byte order
-NEEDS_CSUM, GSO_NONE, GSO_TCPV4, GSO_TCPV6 = 1, 0, 1, 4
+NEEDS_CSUM, GSO_NONE, GSO_TCPV4, GSO_TCPV6, GSO_UDP_L4 = 1, 0, 1, 4, 5
 
 
 def checksum(data: bytes) -> int:
@@ -153,6 +153,37 @@ def test_cwr_and_fin_where_the_kernel_puts_them(pair):
     pair.send(0, [VNET.pack(NEEDS_CSUM, GSO_TCPV4, 40, 1000, 20, 16) + big])
     flags = [check_segment(d[wire.HEADER_LEN:], False)[1] for d in wire_packets(pair)]
     assert flags == [0x10 | 0x80, 0x10, 0x10 | 0x01]
+
+
+def udp_packet(payload: bytes, v6: bool) -> bytes:
+    """A UDP datagram as the kernel hands over a UDP GSO segment: lengths of
+    the whole, the checksum field the pseudo-header sum."""
+    src, dst = V6 if v6 else V4
+    length = 8 + len(payload)
+    folded = ~checksum(pseudo(src, dst, length, 17)) & 0xFFFF
+    udp = struct.pack("!HHHH", 40000, 5002, length & 0xFFFF, folded)
+    if v6:
+        return struct.pack("!IHBB", 0x60000000, length, 17, 64) + src + dst + udp + payload
+    ip = struct.pack("!BBHHHBBH", 0x45, 0, (20 + length) & 0xFFFF, 9, 0, 64, 17, 0) + src + dst
+    return ip + udp + payload
+
+
+@pytest.mark.parametrize("v6", [False, True], ids=["ipv4", "ipv6"])
+def test_uso_segment_split(pair, v6):
+    mss, payload = 1200, os.urandom(1200 * 20 + 7)
+    iphl = 40 if v6 else 20
+    pair.send(0, [VNET.pack(NEEDS_CSUM, GSO_UDP_L4, iphl + 8, mss, iphl, 6)
+                  + udp_packet(payload, v6)])
+    datagrams = [d[wire.HEADER_LEN:] for d in wire_packets(pair)]
+    assert [len(d) - iphl - 8 for d in datagrams] == [mss] * 20 + [7]
+    for d in datagrams:
+        src, dst = (d[8:24], d[24:40]) if v6 else (d[12:16], d[16:20])
+        udp = d[iphl:]
+        assert struct.unpack_from("!H", udp, 4)[0] == len(udp)
+        assert checksum(pseudo(src, dst, len(udp), 17) + udp) == 0, "UDP checksum"
+        if not v6:
+            assert checksum(d[:20]) == 0 and struct.unpack_from("!H", d, 2)[0] == len(d)
+    assert b"".join(d[iphl + 8:] for d in datagrams) == payload
 
 
 def test_partial_checksum_completed(pair):

@@ -15,7 +15,7 @@ from multitun.lab import (
 )
 
 from .conftest import requires_root
-from .test_status import scrape, status_json
+from .test_status import run_status, scrape, status_json
 from .test_tunnel import udp_intact
 
 pytestmark = [requires_root, pytest.mark.netns]
@@ -57,6 +57,8 @@ def test_sealed_tunnel_carries_both_families(sealed):
         assert None not in rtts, f"lost echo replies from {dst}: {rtts}"
     st = status_json(bed, bed.client)
     assert st["security"]["keyed"] and st["security"]["handshakes"] >= 1
+    table = run_status(bed, bed.client).stdout
+    assert f"sealed: AES-256-GCM, keys {st['security']['key_id']}" in table
     assert all(p["state"] == "up" for p in st["paths"])
     assert "sealed: AES-256-GCM" in sealed.logs("server")
 

@@ -96,6 +96,7 @@ def test_table(tunnel):
     assert lines[0].startswith("multitun client on multitun0")
     assert any(line.startswith("path0  up") for line in lines)
     assert any(line.startswith("tunnel: ") for line in lines)
+    assert lines[-1] == "in clear: no --key-file (neither authenticated nor encrypted)"
 
 
 def test_no_instance_here_is_a_one_line_error(bed):
