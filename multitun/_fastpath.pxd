@@ -254,7 +254,7 @@ cdef class Engine:
     cdef void _stage(self, size_t n) noexcept nogil
     cdef void _flush_tx(self) noexcept nogil
     cdef void _to_tun(self, uint8_t *pkt, size_t n) noexcept nogil
-    cdef bint _coalesce(self, const uint8_t *pkt, size_t n) noexcept nogil
+    cdef bint _coalesce(self, const uint8_t *pkt, size_t n, size_t iphl, size_t hdrlen) noexcept nogil
     cdef void _flush_gro(self) noexcept nogil
     cdef bint _write_tun(self, uint8_t *buf, size_t n) noexcept nogil
     cdef void _send_batch(self, int path, int n) noexcept nogil

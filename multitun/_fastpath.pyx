@@ -1356,10 +1356,10 @@ cdef class Engine:
         if not self.vnet:
             self._write_tun(pkt, n)
             return
-        if self.gro.len and self._coalesce(pkt, n):
+        hdrlen = tcp_segment_headers(pkt, n, &iphl)
+        if hdrlen and self.gro.len and self._coalesce(pkt, n, iphl, hdrlen):
             return
         self._flush_gro()
-        hdrlen = tcp_segment_headers(pkt, n, &iphl)
         if hdrlen:
             flags = pkt[iphl + 13]
             memcpy(run, pkt, n)
@@ -1375,20 +1375,21 @@ cdef class Engine:
         memset(pkt - VNET_HDR_LEN, 0, VNET_HDR_LEN)  # no offload asked for this one
         self._write_tun(pkt - VNET_HDR_LEN, n + VNET_HDR_LEN)
 
-    cdef bint _coalesce(self, const uint8_t *pkt, size_t n) noexcept nogil:
-        """Append pkt to the run if it is the next segment of the same flow
-        with the same headers (but for lengths, ids, sequence numbers,
-        checksums and PSH), no longer than the first, and all fits in one
-        IP packet (net/ipv4/tcp_offload.c, tcp_gro_receive(), flushes on
-        the same differences)."""
+    cdef bint _coalesce(self, const uint8_t *pkt, size_t n, size_t iphl,
+                        size_t hdrlen) noexcept nogil:
+        """Append TCP segment pkt (its headers iphl and hdrlen long) to the
+        run if it is the next segment of the same flow with the same headers
+        (but for lengths, ids, sequence numbers, checksums and PSH), no
+        longer than the first, and all fits in one IP packet
+        (net/ipv4/tcp_offload.c, tcp_gro_receive(), flushes on the same
+        differences)."""
         cdef GroRun *g = &self.gro
         cdef const uint8_t *run = self.grobuf + VNET_HDR_LEN
         cdef const uint8_t *a
         cdef const uint8_t *b
-        cdef size_t iphl, hdrlen, payload
+        cdef size_t payload
         if g.closed or g.segments >= GRO_MAX_SEGMENTS:
             return False
-        hdrlen = tcp_segment_headers(pkt, n, &iphl)
         if hdrlen != g.hdrlen or iphl != g.iphl or (pkt[0] >> 4 == 6) != g.v6:
             return False
         payload = n - hdrlen

@@ -4,9 +4,9 @@ The compiled engine moves packets; this module does what happens a few times a
 second: probes on every path (they are the keepalives that let the server learn
 the client's paths before any data and keep NAT mappings open, and they measure
 each path's health), forgetting server-side endpoints silent for --timeout,
-reconnecting client paths that had no route at start, answering `multitun
-status`, publishing metrics, and logging what changed. Nothing here runs per
-packet.
+reconnecting client paths that had no route at start, handing handshakes to
+the keying (keying.py) with --key-file, answering `multitun status`, publishing
+metrics, and logging what changed. Nothing here runs per packet.
 """
 
 from __future__ import annotations
