@@ -66,8 +66,11 @@ cdef enum:
     VNET_GSO_TCPV6 = 4
     VNET_GSO_UDP_L4 = 5
     VNET_GSO_ECN = 0x80
-    # Coalesced TCP segments written to the TUN at once, at most.
+    # Coalesced TCP segments written to the TUN at once, at most; and the
+    # room they take: an IPv6 packet's payload may be 65535 bytes, after a
+    # 40-byte header and the virtio-net header.
     GRO_MAX_SEGMENTS = 64
+    GRO_ROOM = VNET_HDR_LEN + 40 + 65535
     # Return flags of Engine.run().
     WAKE_TIMEOUT = 1
     WAKE_FD = 2

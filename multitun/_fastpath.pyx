@@ -553,7 +553,7 @@ cdef class Engine:
         self.txbuf = <uint8_t *>malloc(BATCH * SLOT)
         self.rxbuf = <uint8_t *>malloc(BATCH * SLOT)
         self.gsobuf = <uint8_t *>malloc(SLOT)
-        self.grobuf = <uint8_t *>malloc(SLOT)
+        self.grobuf = <uint8_t *>malloc(GRO_ROOM)
         if self.txbuf == NULL or self.rxbuf == NULL or self.gsobuf == NULL or self.grobuf == NULL:
             raise MemoryError()
         self.vnet = vnet_hdr
