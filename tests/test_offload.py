@@ -213,3 +213,18 @@ def test_malformed_segment_is_dropped_and_counted(pair):
     pair.send(0, [bad])
     assert wire_packets(pair) == []
     assert pair.engines[0].stats()["tun_gso_dropped"] == 1
+
+
+def test_coalescing_stops_at_the_largest_ip_packet(pair):
+    # Jumbo segments (a 9000-byte MTU): the run closes before the IPv6
+    # payload length would pass 65535, and the rest starts a new one.
+    mss = 8940
+    payloads = [os.urandom(mss) for _ in range(9)]
+    segments = [tcp_packet(p, v6=True, seq=1 + i * mss, flags=0x10) for i, p in enumerate(payloads)]
+    pair.send(0, [VNET.pack(0, GSO_NONE, 0, 0, 0, 0) + s for s in segments])
+    pair.pump()
+    out = pair.received(1)
+    assert len(out) == 2
+    first = out[0][VNET.size:]
+    assert struct.unpack_from("!H", first, 4)[0] == 20 + 7 * mss <= 65535
+    assert b"".join(o[VNET.size + 60:] for o in out) == b"".join(payloads)
