@@ -100,17 +100,19 @@ def run(duration: float, rate: float) -> dict:
         targets = {name: (p.client_ip, p.server_ip) for (name, _), p in zip(links, bed.paths)}
         targets["tunnel"] = (TUN_CLIENT, TUN_SERVER)
         started = time.monotonic_ns()
-        raw = latency_probe(bed, targets, rate, duration,
+        sent_ns: list[int] = []
+        raw = latency_probe(bed, targets, rate, duration, sent_ns=sent_ns,
                             progress=lambda res: live_line(bed, res, started, rate))
         wins = first_arrivals(bed)
-        offset = (started - bed.emulator_start_ns) / 1e9
+        # When each datagram left, on the emulator's clock (its outages' clock).
+        sent_s = [round((ns - bed.emulator_start_ns) / 1e9, 4) for ns in sent_ns]
     report = {
         "duration_s": duration, "rate_pps": rate,
         "paths": [{"name": name, **describe_json(imp), **summarise(raw[name]),
                    "first_arrival_pct": wins.get(i)}
                   for i, (name, imp) in enumerate(links)],
         "tunnel": summarise(raw["tunnel"]),
-        "raw": {"latencies_ms": raw, "start_s": offset,
+        "raw": {"latencies_ms": raw, "sent_s": sent_s,
                 "outages": [list(o) for _, imp in links for o in imp.outages]},
     }
     print("namespaces removed")
@@ -197,14 +199,13 @@ def plot(report: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     raw = report["raw"]
-    rate = report["rate_pps"]
     fig, (cdf, timeline) = plt.subplots(2, 1, figsize=(10, 9))
     for name, lat in raw["latencies_ms"].items():
         got = sorted(v for v in lat if v is not None)
         if got:
             style = {"linewidth": 2.5, "color": "black"} if name == "tunnel" else {}
             cdf.plot(got, [(i + 1) / len(lat) for i in range(len(got))], label=name, **style)
-        t = [raw["start_s"] + i / rate for i, v in enumerate(lat) if v is not None]
+        t = [sent for sent, v in zip(raw["sent_s"], lat) if v is not None]
         style = {"s": 6, "color": "black"} if name == "tunnel" else {"s": 3, "alpha": 0.5}
         timeline.scatter(t, [v for v in lat if v is not None], label=name, **style)
     cdf.set(xlabel="one-way delay (ms)", ylabel="fraction of datagrams delivered",

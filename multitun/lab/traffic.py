@@ -141,7 +141,7 @@ def udp_stream(bed: Bed, src_ns: str, dst_ns: str, dst: str, rate: float, count:
 def latency_probe(bed: Bed, targets: dict[str, tuple[str, str]], rate: float,
                   duration: float, port: int = 9003,
                   progress: Callable[[dict[str, list[float | None]]], None] | None = None,
-                  ) -> dict[str, list[float | None]]:
+                  sent_ns: list[int] | None = None) -> dict[str, list[float | None]]:
     """Timestamped datagrams from the client namespace to the server namespace,
     to every target at once (so all see the same conditions), ``rate`` per
     second each, for ``duration`` seconds.
@@ -150,7 +150,8 @@ def latency_probe(bed: Bed, targets: dict[str, tuple[str, str]], rate: float,
     path is its two ends, the tunnel its two TUN addresses. Returns, per name,
     the one-way delay in ms of datagram i, or None if it never came. Both
     namespaces read the same CLOCK_MONOTONIC, so one-way delay is exact.
-    ``progress`` is called about once a second with the results so far.
+    ``progress`` is called about once a second with the results so far;
+    ``sent_ns``, if given, gets the CLOCK_MONOTONIC time each datagram left at.
     """
     count = int(rate * duration)
     results = {name: [None] * count for name in targets}
@@ -183,9 +184,12 @@ def latency_probe(bed: Bed, targets: dict[str, tuple[str, str]], rate: float,
             delay = start + seq / rate - time.monotonic()
             if delay > 0:
                 time.sleep(delay)
+            now_ns = time.monotonic_ns()
+            if sent_ns is not None:
+                sent_ns.append(now_ns)
             for tx, dst in senders.values():
                 try:
-                    tx.sendto(header.pack(seq, time.monotonic_ns()).ljust(64, b"."), dst)
+                    tx.sendto(header.pack(seq, now_ns).ljust(64, b"."), dst)
                 except OSError:
                     pass  # a path without a route is a lost datagram
             if progress and time.monotonic() >= next_progress:
