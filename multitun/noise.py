@@ -121,14 +121,20 @@ def _dh(private: X25519PrivateKey, public: bytes) -> bytes:
         raise HandshakeError("unusable ephemeral key") from None
 
 
-class Initiator:
-    """Writes the first message, reads the response, then has the keys."""
+class _Party:
+    """Either side's start: the prologue, then token "psk" (mixed first, as
+    the psk0 modifier says), and an ephemeral key of its own (given only by
+    tests reproducing a vector)."""
 
     def __init__(self, psk: bytes, prologue: bytes,
                  ephemeral: X25519PrivateKey | None = None) -> None:
         self._state = _SymmetricState(prologue)
         self._state.mix_key_and_hash(psk)
         self._e = ephemeral or X25519PrivateKey.generate()
+
+
+class Initiator(_Party):
+    """Writes the first message, reads the response, then has the keys."""
 
     def write_init(self, payload: bytes) -> bytes:
         e = public_bytes(self._e)
@@ -153,15 +159,10 @@ class Initiator:
         return self._state.split()
 
 
-class Responder:
+class Responder(_Party):
     """Reads the first message, writes the response, then has the keys."""
 
-    def __init__(self, psk: bytes, prologue: bytes,
-                 ephemeral: X25519PrivateKey | None = None) -> None:
-        self._state = _SymmetricState(prologue)
-        self._state.mix_key_and_hash(psk)
-        self._e = ephemeral or X25519PrivateKey.generate()
-        self._re = b""
+    _re = b""
 
     def read_init(self, message: bytes) -> bytes:
         if len(message) < DHLEN + TAG_LEN:

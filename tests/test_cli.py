@@ -73,7 +73,8 @@ def test_help(capsys):
     for flag in ("-s ADDR, --server_listen_addr", "-p PORT, --server_port",
                  "-l ADDR[/PREFIX], --tun_listen_addr", "-c LOCAL:SERVER[,...], --client_endpoints",
                  "-n, --nonblocking", "-t SECONDS, --timeout", "--dev",
-                 "default multitun%d", "--mtu", "--no-offload", "--low-latency", "multitun demo"):
+                 "default multitun%d", "--mtu", "--no-offload", "--low-latency", "multitun demo",
+                 "--key-file FILE", "multitun genkey"):
         assert flag in out
 
 
