@@ -15,7 +15,7 @@ import time
 
 import pytest
 
-from multitun.emulator import Impairment
+from multitun.lab.emulator import Impairment
 from multitun.keyfile import generate_key
 from multitun.lab import (
     TUN_SERVER, Bed, TunnelPair, latency_probe, ping_interleaved, summarise, tcp_throughput,

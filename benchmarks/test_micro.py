@@ -50,7 +50,7 @@ def test_engine_batch(benchmark, keyed):
     """64 packets of 1400 bytes through two engines on loopback (socketpairs
     as TUNs): the data plane's whole path, syscalls (and sealing) included,
     without devices."""
-    from tests.engine_pair import EnginePair, ipv4
+    from multitun.lab.engine_pair import EnginePair, ipv4
 
     pair = EnginePair(keyed=keyed)
     packets = [ipv4(i) for i in range(64)]

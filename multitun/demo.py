@@ -1,7 +1,7 @@
 """``multitun demo``: the tunnel against each of its paths, on emulated links.
 
 It builds a client and a server network namespace joined by three emulated
-paths (multitun.lab, multitun.emulator) that behave like real links, runs a
+paths (multitun.lab, multitun.lab.emulator) that behave like real links, runs a
 multitun server and client across them, and sends timestamped datagrams over
 each bare path and through the tunnel at the same time, so that all see the
 same conditions. While it runs it prints a line a second; at the end, a table
@@ -21,7 +21,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from .emulator import Impairment
+from .lab.emulator import Impairment
 from .lab import TUN_CLIENT, TUN_SERVER, Bed, TunnelPair, latency_probe, summarise
 from .status import StatusError, query
 

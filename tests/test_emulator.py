@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from multitun.emulator import Impairment
+from multitun.lab.emulator import Impairment
 from multitun.lab import Bed, latency_probe, udp_stream
 
 from .conftest import requires_root

@@ -1,5 +1,5 @@
 """The compiled engine end to end without devices or root: two engines on
-loopback, socketpairs for TUNs (tests/engine_pair.py), in clear and sealed.
+loopback, socketpairs for TUNs (multitun/lab/engine_pair.py), in clear and sealed.
 tests/test_sealed.py has what only sealed mode does."""
 
 import os
@@ -8,7 +8,7 @@ import pytest
 
 from multitun import wire
 
-from .engine_pair import EnginePair, ipv4
+from multitun.lab.engine_pair import EnginePair, ipv4
 
 
 @pytest.fixture(params=[(True, False), (False, False), (True, True), (False, True)],

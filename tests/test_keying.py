@@ -9,7 +9,7 @@ import pytest
 from multitun import keying, wire
 from multitun.keying import ClientKeying, ServerKeying
 
-from .engine_pair import EnginePair, ipv4
+from multitun.lab.engine_pair import EnginePair, ipv4
 
 PSK = os.urandom(32)
 

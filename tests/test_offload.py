@@ -12,7 +12,7 @@ from hypothesis import given, strategies as st
 
 from multitun import _fastpath, wire
 
-from .engine_pair import EnginePair
+from multitun.lab.engine_pair import EnginePair
 
 VNET = struct.Struct("=BBHHHH")  # struct virtio_net_hdr, host byte order
 NEEDS_CSUM, GSO_NONE, GSO_TCPV4, GSO_TCPV6, GSO_UDP_L4 = 1, 0, 1, 4, 5

@@ -1,5 +1,5 @@
 """Sealed mode in the data plane, no root: two keyed engines on loopback
-(tests/engine_pair.py). What arrives is checked against what was sent; what is
+(multitun/lab/engine_pair.py). What arrives is checked against what was sent; what is
 tampered with, cut, replayed or of the other mode never reaches the TUN."""
 
 import errno
@@ -11,7 +11,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 
 from multitun import _fastpath, wire
 
-from .engine_pair import KEY_ID, EnginePair, ipv4, session_keys
+from multitun.lab.engine_pair import KEY_ID, EnginePair, ipv4, session_keys
 
 
 @pytest.fixture

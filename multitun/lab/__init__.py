@@ -1,11 +1,13 @@
 """The lab: multitun's test beds and the tools that measure across them.
 
 - ``bed``: a client and a server network namespace joined by up to three paths,
-  each a veth pair or an emulated link (multitun.emulator), always torn down;
+  each a veth pair or an emulated link (multitun.lab.emulator), always torn down;
 - ``tunnel_pair``: a multitun server and client (or another tunnel) across a bed;
 - ``traffic``: ping, UDP streams and floods, one-way latency probes, TCP
   transfers (iperf3 when installed), and percentiles of what they measured;
-- ``capture``: the frames on a path, as an eavesdropper sees them.
+- ``capture``: the frames on a path, as an eavesdropper sees them;
+- ``emulator``: the path emulator the bed runs in its middle namespace;
+- ``engine_pair``: two engines on loopback with socketpairs as TUNs (no root).
 
 The test suite, the benchmarks and ``multitun demo`` are built on it.
 """

@@ -23,7 +23,7 @@ from pathlib import Path
 from pyroute2 import IPRoute, netns
 from pyroute2.ethtool import Ethtool
 
-from ..emulator import Impairment
+from .emulator import Impairment
 from .process import end
 
 PATH_NETS = ("192.0.2", "198.51.100", "203.0.113")
@@ -47,7 +47,7 @@ class Bed:
 
     ``emulate`` gives, per path, None (a plain veth pair) or the impairments of
     its two directions, (client to server, server to client). Emulated paths run
-    through a third namespace, ``bed.mid``, where multitun.emulator bridges them.
+    through a third namespace, ``bed.mid``, where multitun.lab.emulator bridges them.
     """
 
     def __init__(self, npaths: int = 2,
@@ -124,7 +124,7 @@ class Bed:
                              prefixlen=64, flags=0x02)  # IFA_F_NODAD: usable at once
         if links:
             config = json.dumps({"seed": self.seed, "links": links})
-            self.emulator = self.popen(self.mid, [sys.executable, "-m", "multitun.emulator",
+            self.emulator = self.popen(self.mid, [sys.executable, "-m", "multitun.lab.emulator",
                                                   config], stdout=subprocess.PIPE,
                                        cwd=PACKAGE_ROOT)
             ready = json.loads(self.emulator.stdout.readline() or "{}")

@@ -28,7 +28,7 @@ exchange would hold a link's packets back for a second, which no such path does.
 Timers have the resolution of epoll_wait(2): a frame leaves within half a
 millisecond of its time.
 
-Run as ``python -m multitun.emulator CONFIG_JSON``; multitun.lab starts it.
+Run as ``python -m multitun.lab.emulator CONFIG_JSON``; multitun.lab starts it.
 """
 
 from __future__ import annotations
