@@ -1,4 +1,5 @@
-"""Builds the compiled data plane, multitun._fastpath, and the man page.
+"""Builds the compiled data plane, multitun._fastpath (its parts are in
+multitun/fastpath/), its test hooks, multitun._testing, and the man page.
 
 MULTITUN_DEBUG=1 builds with line tracing and an annotated HTML report of the
 Cython code (for profiling and coverage of the data plane); the default build is
@@ -46,18 +47,22 @@ class build_py_with_man_page(build_py):
                 f.write(text)
 
 
-extension = Extension(
-    "multitun._fastpath",
-    ["multitun/_fastpath.pyx"],
-    # ChaCha20-Poly1305 for sealed packets comes from OpenSSL's libcrypto.
-    libraries=["crypto"],
-    extra_compile_args=["-O2"] + (["-g", "-O0"] if debug else []),
-    define_macros=[("CYTHON_TRACE_NOGIL", "1")] if debug else [],
-)
+# The data plane, and its stateless parts callable for tests (multitun._testing).
+# AES-256-GCM for sealed packets comes from OpenSSL's libcrypto.
+extensions = [
+    Extension(
+        name, [source],
+        libraries=["crypto"],
+        extra_compile_args=["-O2"] + (["-g", "-O0"] if debug else []),
+        define_macros=[("CYTHON_TRACE_NOGIL", "1")] if debug else [],
+    )
+    for name, source in (("multitun._fastpath", "multitun/_fastpath.pyx"),
+                         ("multitun._testing", "multitun/_testing.pyx"))
+]
 
 setup(
     ext_modules=cythonize(
-        [extension],
+        extensions,
         language_level=3,
         annotate=debug,
         compiler_directives={"linetrace": debug, "embedsignature": True},

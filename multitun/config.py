@@ -29,7 +29,9 @@ PATH_MTU = 1500
 UDP_HEADER = 8
 IP_HEADER = {4: 20, 6: 40}
 MIN_MTU = {4: 576, 6: 1280}  # RFC 791 / RFC 8200 minimum link MTUs
-MAX_MTU = 65535 - IP_HEADER[4] - UDP_HEADER - wire.HEADER_LEN
+# The largest --mtu in clear: its packet and our header fill a UDP datagram.
+# Sealed, the tag must fit too (Config.check).
+MAX_MTU = wire.MAX_DATAGRAM - wire.HEADER_LEN
 
 
 @dataclass(frozen=True)
@@ -117,6 +119,11 @@ class Config:
         if self.down_after is not None and self.down_after <= self.probe_interval:
             raise ConfigError("--down-after must be longer than the probe interval")
         mtu = self.effective_mtu
+        if self.key is not None and mtu + wire.HEADER_LEN + wire.TAG_LEN > wire.MAX_DATAGRAM:
+            raise ConfigError(
+                f"--mtu {mtu} is too large with --key-file: with the header and the "
+                f"authentication tag a packet would not fit a UDP datagram "
+                f"(at most {wire.MAX_DATAGRAM - wire.HEADER_LEN - wire.TAG_LEN})")
         for addr in self.tun_addresses:
             if mtu < MIN_MTU[addr.version]:
                 raise ConfigError(

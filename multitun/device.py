@@ -23,6 +23,7 @@ import struct
 
 from pyroute2 import IPRoute
 
+from ._fastpath import SYSTEM
 from .config import IPInterface
 from .errors import SetupError
 
@@ -38,7 +39,7 @@ TUN_F_TSO4 = 0x02
 TUN_F_TSO6 = 0x04
 TUN_F_USO4 = 0x20
 TUN_F_USO6 = 0x40
-VNET_HDR_LEN = 10
+VNET_HDR_LEN = SYSTEM["VNET_HDR_LEN"]  # what the data plane reads and writes
 IFNAMSIZ = 16
 # <linux/if_addr.h>: a TUN has no link-layer neighbours to detect duplicates on.
 IFA_F_NODAD = 0x02

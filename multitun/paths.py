@@ -13,19 +13,20 @@ import socket
 
 from pyroute2 import IPRoute
 
+from ._fastpath import SYSTEM
 from .config import IPAddress, PathSpec
 from .errors import SetupError
 
-# <linux/in.h>; Python's socket module lacks it.
-IP_PKTINFO = 8
-# <asm-generic/socket.h>: like SO_RCVBUF/SO_SNDBUF but above net.core.*mem_max
-# (socket(7); needs CAP_NET_ADMIN, which a tunnel has).
-SO_SNDBUFFORCE = 32
-SO_RCVBUFFORCE = 33
+# Values Python's socket module lacks, from the headers the data plane was
+# compiled against: ip(7) IP_PKTINFO; socket(7) SO_SNDBUFFORCE and
+# SO_RCVBUFFORCE (SO_SNDBUF/SO_RCVBUF above net.core.*mem_max, with
+# CAP_NET_ADMIN, which a tunnel has); udp(7) UDP_SEGMENT and UDP_GRO.
+IP_PKTINFO = SYSTEM["IP_PKTINFO"]
+SO_SNDBUFFORCE = SYSTEM["SO_SNDBUFFORCE"]
+SO_RCVBUFFORCE = SYSTEM["SO_RCVBUFFORCE"]
+UDP_SEGMENT = SYSTEM["UDP_SEGMENT"]
+UDP_GRO = SYSTEM["UDP_GRO"]
 SOCKET_BUFFER = 4 << 20
-# <linux/udp.h>
-UDP_SEGMENT = 103
-UDP_GRO = 104
 
 
 def _family(addr: IPAddress) -> int:

@@ -26,6 +26,9 @@ VERSION_SEALED = 2
 HEADER_LEN = 16
 TAG_LEN = 16
 KEY_LEN = 32
+# The largest UDP payload every path can carry: 65535 less the UDP and IPv4
+# headers (RFC 768, RFC 791). A sealed datagram with a full --mtu packet must fit.
+MAX_DATAGRAM = 65535 - 8 - 20
 # Paths are numbered 0..MAX_PATHS-1 in the header's path byte.
 MAX_PATHS = 16
 # Probe payloads carry the sender's timestamp and the probe's number; a reply

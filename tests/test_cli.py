@@ -115,6 +115,8 @@ BAD = [
     ("-l 10.42.42.1 -s 0.0.0.0 -t 0", "must be more than 0"),
     ("-l 10.42.42.1 -s 0.0.0.0 -t soon", "not a number of seconds"),
     ("-l 10.42.42.1 -s 0.0.0.0 --mtu 100", "out of range 576-"),
+    # Our header and the packet fill a UDP datagram: 65507 - 16.
+    ("-l 10.42.42.1 -s 0.0.0.0 --mtu 65492", "out of range 576-65491"),
     ("-l fd42::1 -s 0.0.0.0 --mtu 1000", "below IPv6's minimum of 1280"),
     ("-l 10.42.42.1 -s 0.0.0.0 --probe-interval 30", "shorter than the timeout"),
     ("-l 10.42.42.1 -s 0.0.0.0 --frobnicate", "unrecognized arguments: --frobnicate"),

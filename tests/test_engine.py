@@ -79,3 +79,13 @@ def test_random_datagrams_never_reach_the_tun(pair):
     pair.pump()
     assert pair.received(1) == []
     assert pair.engines[1].stats()["delivered"] == 0
+
+
+def test_largest_packets_the_mtu_allows(pair):
+    # --mtu's bounds (multitun/config.py): in clear the packet and our header
+    # fill the largest UDP datagram; sealed, the tag takes 16 of it.
+    largest = wire.MAX_DATAGRAM - wire.HEADER_LEN - (wire.TAG_LEN if pair.keyed else 0)
+    packets = [ipv4(1, largest), ipv4(2, 1400)]
+    pair.send(0, packets)
+    pair.pump()
+    assert pair.received(1) == packets

@@ -89,3 +89,15 @@ def test_key_file_from_config_file_is_checked_too(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and f"{config}: key_file: key file {path}" in err
     assert stat.S_IMODE(path.stat().st_mode) == 0o644  # we refuse; we do not fix it
+
+
+def test_mtu_bounded_by_what_a_sealed_datagram_can_carry(tmp_path, capsys):
+    # 65507 bytes of UDP payload = 16 of header + the packet + 16 of tag.
+    key = ["--key-file", str(key_file(tmp_path, generate_key()))]
+    largest = config_from_args(build_parser().parse_args(SERVER + key + ["--mtu", "65475"]))
+    assert largest.effective_mtu == 65475
+    with pytest.raises(SystemExit) as e:
+        main(SERVER + key + ["--mtu", "65476"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "too large with --key-file" in err and "at most 65475" in err

@@ -67,5 +67,6 @@ def test_sdist_has_the_sources(installed):
     _, sdist = installed
     with tarfile.open(sdist) as tar:
         names = {Path(n).name for n in tar.getnames()}
-    assert {"_fastpath.pyx", "_fastpath.pxd", "_fastpath.pyi", "linux.pxd", "py.typed",
+    assert {"_fastpath.pyx", "_fastpath.pyi", "_testing.pyx", "engine.pxi", "header.pxd",
+            "linux.pxd", "py.typed",
             "multitun@.service", "LICENSE"} <= names

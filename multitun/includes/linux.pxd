@@ -1,8 +1,7 @@
 # C declarations the data plane needs, and nothing else (uvloop's includes/ layout).
 # Each block names the header it mirrors; see the man page cited for semantics.
 
-from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t, int64_t
-
+from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t
 
 
 cdef extern from "<sys/epoll.h>" nogil:
@@ -72,6 +71,9 @@ cdef extern from "<sys/socket.h>" nogil:
         MSG_TRUNC
         MSG_CTRUNC
         SOL_SOCKET
+        # socket(7): SO_SNDBUF/SO_RCVBUF above net.core.*mem_max (CAP_NET_ADMIN).
+        SO_SNDBUFFORCE
+        SO_RCVBUFFORCE
 
     cmsghdr *CMSG_FIRSTHDR(msghdr *msgh)
     cmsghdr *CMSG_NXTHDR(msghdr *msgh, cmsghdr *cmsg)
@@ -117,6 +119,8 @@ cdef extern from "<netinet/in.h>" nogil:
     enum:
         IPPROTO_IP
         IPPROTO_IPV6
+        IPPROTO_TCP
+        IPPROTO_UDP
         IP_PKTINFO
         IPV6_PKTINFO
 

@@ -45,11 +45,12 @@ import sys
 import time
 from dataclasses import dataclass, field
 
+from ..paths import SO_RCVBUFFORCE
+
 # <linux/if_ether.h>, <linux/if_packet.h>
 ETH_P_ALL = 0x0003
 SOL_PACKET = 263
 PACKET_IGNORE_OUTGOING = 23
-SO_RCVBUFFORCE = 33
 ETHERTYPE_ARP = b"\x08\x06"
 MS = 1_000_000
 # epoll_wait(2) counts in whole milliseconds and Python rounds the wait up, so a

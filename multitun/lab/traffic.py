@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 from pyroute2 import netns
 
+from ..paths import SO_RCVBUFFORCE
 from .bed import Bed, _serial
 from .process import end
 
@@ -119,8 +120,8 @@ def udp_stream(bed: Bed, src_ns: str, dst_ns: str, dst: str, rate: float, count:
     received: list[int] = []
     with bed.socket(dst_ns, fam) as rx, bed.socket(src_ns, fam) as tx:
         rx.bind((dst, port))
-        # socket(7) SO_RCVBUFFORCE: the reader must never be what drops.
-        rx.setsockopt(socket.SOL_SOCKET, 33, 8 << 20)
+        # The reader must never be what drops.
+        rx.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, 8 << 20)
 
         def catch() -> None:
             while select.select([rx], [], [], quiet)[0]:
@@ -161,7 +162,7 @@ def latency_probe(bed: Bed, targets: dict[str, tuple[str, str]], rate: float,
         for name, (src, dst) in targets.items():
             rx = bed.socket(bed.server, _family(dst))
             rx.bind((dst, port))
-            rx.setsockopt(socket.SOL_SOCKET, 33, 4 << 20)  # socket(7) SO_RCVBUFFORCE
+            rx.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, 4 << 20)
             receivers[rx] = name
             tx = bed.socket(bed.client, _family(src))
             tx.bind((src, 0))
@@ -236,8 +237,9 @@ def summarise(latencies: list[float | None]) -> dict:
 
 _FLOOD_RECEIVER = """
 import select, socket, sys, time
+from multitun.paths import SO_RCVBUFFORCE
 s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-s.setsockopt(socket.SOL_SOCKET, 33, 32 << 20)
+s.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, 32 << 20)
 s.bind((sys.argv[1], int(sys.argv[2])))
 print("ready", flush=True)
 n, first, last = 0, None, None

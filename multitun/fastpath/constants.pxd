@@ -1,0 +1,61 @@
+# The data plane's constants, in one enum. The wire format's values must match
+# multitun/wire.py (tests/test_codec.py checks that they do); the system's
+# come from the kernel's headers (multitun/includes/linux.pxd) and reach
+# Python through _fastpath.SYSTEM, never as copied literals.
+
+cdef enum:
+    # Version 1: no key, everything in clear. Version 2: --key-file, every
+    # packet sealed (docs/PROTOCOL.md).
+    VERSION_PLAIN = 1
+    VERSION_SEALED = 2
+    HEADER_LEN = 16
+    MAX_PATHS = 16
+    T_DATA = 1
+    T_PROBE = 2
+    T_PROBE_REPLY = 3
+    T_HANDSHAKE_INIT = 4
+    T_HANDSHAKE_RESPONSE = 5
+    PROBE_MIN_PAYLOAD = 16
+    PROBE_MAX_PAYLOAD = 64
+    # AES-256-GCM (NIST SP 800-38D): 32-byte keys, 16-byte tags, 12-byte nonces.
+    KEY_LEN = 32
+    TAG_LEN = 16
+    NONCE_LEN = 12
+    # Handshake messages (multitun/noise.py): header + ephemeral key + sealed
+    # timestamp; header + ephemeral key + empty sealed payload. A response is
+    # shorter than the request it answers: no amplification.
+    HANDSHAKE_INIT_LEN = HEADER_LEN + 32 + 8 + TAG_LEN
+    HANDSHAKE_RESPONSE_LEN = HEADER_LEN + 32 + TAG_LEN
+    # The largest UDP payload (RFC 768's 16-bit length less its 8-byte header,
+    # less IPv4's 20: what every path can carry in one datagram).
+    MAX_DATAGRAM = 65507
+    # Packets handled per syscall batch. Only what is already queued is taken:
+    # a batch is never waited for.
+    BATCH = 64
+    # One buffer slot holds the largest datagram (65535) plus our header and
+    # an authentication tag.
+    SLOT = 65536 + HEADER_LEN + TAG_LEN
+    # 1024 words = 65536 sequence numbers: at 100k packets/s the paths may
+    # differ by 0.65 s of delay before a late first copy counts as too old.
+    WINDOW_WORDS = 1024
+    # Control packets held for Python between two returns of Engine.run(),
+    # and the return addresses that send_back() may still answer.
+    CTRL_SLOTS = 64
+    REPLY_SLOTS = 256
+    # UDP GSO: datagrams per train (UDP_MAX_SEGMENTS is 64 on kernels before
+    # 6.x) and bytes per train (an IPv4 datagram's payload is at most 65507).
+    GSO_MAX_SEGMENTS = 64
+    GSO_MAX_BYTES = 65000
+    # Control-message room, in 64-bit words so that cmsghdr is aligned. To
+    # send: a source address (IPV6_PKTINFO, 40 bytes) and a UDP_SEGMENT (24).
+    # To receive: IP_PKTINFO (32) and IPV6_PKTINFO (40), both on a server
+    # listening on '::' (cmsg(3), CMSG_SPACE), and a UDP_GRO (24); rounded up.
+    # Whatever does not fit sets MSG_CTRUNC and the datagram is dropped.
+    CMSG_WORDS = 8
+    RX_CMSG_WORDS = 16
+    # Return flags of Engine.run().
+    WAKE_TIMEOUT = 1
+    WAKE_FD = 2
+    WAKE_CONTROL = 4
+    WAKE_SIGNAL = 8
+    WAKE_EVENT = 16
