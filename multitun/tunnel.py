@@ -356,7 +356,7 @@ class Tunnel:
             })
         tunnel_keys = ("tun_rx_packets", "tun_rx_bytes", "delivered", "delivered_bytes",
                        "duplicates", "too_old", "malformed", "wrong_session", "unknown_source",
-                       "tun_write_errors", "send_dropped", "auth_failed", "key_mismatch",
+                       "tun_write_errors", "auth_failed", "key_mismatch",
                        "no_key", "tun_gso_reads", "tun_gso_dropped", "gro_writes", "gro_coalesced")
         return {
             "version": __version__, "role": "server" if cfg.is_server else "client",

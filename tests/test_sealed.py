@@ -4,12 +4,15 @@ tampered with, cut, replayed or of the other mode never reaches the TUN."""
 
 import errno
 import os
+import socket
+import time
 
 import pytest
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from multitun import _testing, wire
+from multitun._fastpath import Engine
 
 from multitun.lab.engine_pair import KEY_ID, EnginePair, ipv4, session_keys
 
@@ -289,3 +292,55 @@ def test_keys_are_checked_on_install(pair):
             plain.engines[0].install_keys(5, bytes(32), bytes(32), True)
     finally:
         plain.close()
+
+
+def test_a_replayed_copy_keeps_no_endpoint_alive():
+    """A server forgets an endpoint silent for --timeout (the tunnel reads
+    last_rx_ns). Copies of an old authentic datagram, replayed from that
+    endpoint's address, prove nothing: they move no per-path counter and no
+    liveness, and once the endpoint is forgotten they do not bring it back."""
+    srv, cli = (socket.socket(socket.AF_INET, socket.SOCK_DGRAM | socket.SOCK_NONBLOCK)
+                for _ in range(2))
+    tuns = [socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM) for _ in range(2)]
+    try:
+        srv.bind(("127.0.0.1", 0))
+        cli.bind(("127.0.0.1", 0))
+        cli.connect(srv.getsockname())
+        server = Engine(tuns[0][0].fileno(), [srv.fileno()], True, 0x2000, keyed=True)
+        client = Engine(tuns[1][0].fileno(), [cli.fileno()], False, 0x1000, keyed=True)
+        client.set_remote(0, socket.inet_aton("127.0.0.1"), srv.getsockname()[1], True)
+        (c_send, c_receive), (s_send, s_receive) = session_keys()
+        client.install_keys(KEY_ID, c_send, c_receive, True)
+        server.install_keys(KEY_ID, s_send, s_receive, True)
+        # The genuine datagrams of a probe and a packet, as the client seals them.
+        records = []
+        for ptype, seq, payload in ((wire.PacketType.PROBE, 1, bytes(16)),
+                                    (wire.PacketType.DATA, 2, ipv4(1))):
+            header = wire.pack_header(ptype, 0, KEY_ID, seq, wire.VERSION_SEALED)
+            ad = header if ptype != wire.PacketType.DATA else header[:2] + b"\0" + header[3:]
+            records.append(header + _testing.aead_seal(c_send, seq, ad, payload))
+        for d in records:
+            cli.send(d)
+        server.run(0)
+        (before,) = server.paths()
+        assert before["active"] and before["rx_packets"] == 2
+        assert tuns[0][1].recv(65536) == ipv4(1)
+        time.sleep(0.01)
+        for _ in range(50):
+            for d in records:
+                cli.send(d)
+        server.run(0)
+        server.run(0)  # a batch is 64 datagrams
+        (after,) = server.paths()
+        for key in ("rx_packets", "rx_bytes", "duplicates", "last_rx_ns"):
+            assert after[key] == before[key], key
+        assert server.stats()["duplicates"] == 100 and server.stats()["delivered"] == 1
+        server.forget(0)
+        for d in records:
+            cli.send(d)
+        server.run(0)
+        (forgotten,) = server.paths()
+        assert not forgotten["active"]
+    finally:
+        for s in (srv, cli, *(s for pair in tuns for s in pair)):
+            s.close()

@@ -19,12 +19,15 @@ import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pyroute2 import IPRoute, netns
 from pyroute2.ethtool import Ethtool
 
-from .emulator import Impairment
 from .process import end
+
+if TYPE_CHECKING:  # `python -m multitun.lab.emulator` must not find it imported already
+    from .emulator import Impairment
 
 PATH_NETS = ("192.0.2", "198.51.100", "203.0.113")
 _serial = itertools.count()
