@@ -22,7 +22,8 @@ The parts (docs/ARCHITECTURE.md describes each), in multitun/fastpath/:
   (addresses.pxd); the constants (constants.pxd) and counters (counters.pxd);
 - stateful, a ``final`` class each, ``include``d here: the TUN boundary
   (tun.pxi), the keys (keyring.pxi), path I/O (paths.pxi), the control
-  queue (control.pxi) and the engine (engine.pxi).
+  queue (control.pxi), the receive direction (receive.pxi) and the engine:
+  the loop and the send direction (engine.pxi).
 
 Why ``include`` and ``final``: the per-packet path crosses every part, and
 it must inline. Included, the parts are one C file, so the compiler sees
@@ -66,6 +67,7 @@ include "fastpath/tun.pxi"
 include "fastpath/keyring.pxi"
 include "fastpath/paths.pxi"
 include "fastpath/control.pxi"
+include "fastpath/receive.pxi"
 include "fastpath/engine.pxi"
 
 

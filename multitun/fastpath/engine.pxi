@@ -2,9 +2,8 @@
 #
 #   TUN --Tun.read--> plain packets --KeyRing.frame (header, seal)-->
 #       Paths.send: every path that has an endpoint
-#   path socket --Paths.receive--> datagrams --parse_header--> endpoint check
-#       --> window (KeyRing) [--open, sealed] --> Tun.write
-#       probes answered here; probe replies and handshakes --> ControlQueue
+#   path socket --Paths.receive--> Receiver (receive.pxi) --> Tun.write,
+#       or ControlQueue
 
 cdef enum:
     # epoll tags of the fds that are not path sockets (those are tagged with
@@ -30,15 +29,14 @@ cdef class Engine:
     cdef Paths pathset
     cdef KeyRing keyring
     cdef ControlQueue control
+    cdef Receiver rx
     cdef TunnelCounters ctr
     cdef Batch batch
     # After activity, poll this long before sleeping in epoll_wait (0: never).
     cdef uint64_t busy_poll_ns
-    # Who sent the last packet that failed authentication or was of the
-    # other mode, for the control plane's (rate-limited) log line.
-    cdef sockaddr_storage rejected_addr
-    # Keys confirmed or a peer session adopted since run() last returned.
-    cdef bint event
+    # What failed when _run() returned an error: TAG_TUN, TAG_WAKE (epoll
+    # itself) or a path socket's index.
+    cdef uint32_t failed
 
     def __cinit__(self, int tun_fd, socks, bint server, uint32_t session,
                   wake_fds=(), bint gso=False, int busy_poll_us=0, bint keyed=False,
@@ -50,7 +48,9 @@ cdef class Engine:
         self.tun = Tun(tun_fd, vnet_hdr)
         self.keyring = KeyRing(session, keyed)
         self.control = ControlQueue()
+        self.rx = Receiver(self.tun, self.pathset, self.keyring, self.control)
         self.tun.ctr = self.pathset.ctr = self.keyring.ctr = self.control.ctr = &self.ctr
+        self.rx.ctr = &self.ctr
         self.batch.slots = <uint8_t *>malloc(BATCH * SLOT)
         if self.batch.slots == NULL:
             raise MemoryError()
@@ -97,6 +97,7 @@ cdef class Engine:
             if n < 0:
                 # epoll_wait(2): EINTR when a signal handler interrupted the
                 # wait; Python must run its handler now.
+                self.failed = TAG_WAKE
                 return WAKE_SIGNAL if errno == EINTR else -errno
             t = now_ns()
             if n == 0:
@@ -115,19 +116,21 @@ cdef class Engine:
                 if events[i].data.u32 == TAG_TUN:
                     rc = self._tun_to_paths()
                     if rc < 0:
+                        self.failed = TAG_TUN
                         return rc
             for i in range(n):
                 if events[i].data.u32 == TAG_WAKE:
                     flags |= WAKE_FD
                 elif events[i].data.u32 != TAG_TUN:
-                    rc = self._paths_to_tun(events[i].data.u32)
+                    rc = self.rx.from_path(events[i].data.u32)
                     if rc < 0:
+                        self.failed = events[i].data.u32
                         return rc
             if self.control.n:
                 flags |= WAKE_CONTROL
-            if self.event or self.pathset.changed:
+            if self.rx.event or self.pathset.changed:
                 flags |= WAKE_EVENT
-                self.event = self.pathset.changed = False
+                self.rx.event = self.pathset.changed = False
             if flags:
                 return flags
             if t >= deadline:
@@ -160,161 +163,6 @@ cdef class Engine:
             if err or not self.tun.splitting():
                 return err
 
-    cdef int _paths_to_tun(self, int sock) noexcept nogil:
-        cdef int r, i
-        cdef size_t n, seg, off
-        cdef uint8_t *p
-        cdef msghdr *m
-        cdef uint64_t now
-        r = self.pathset.receive(sock)
-        if r <= 0:
-            return r
-        now = now_ns()
-        self.ctr.rx_batches += 1
-        for i in range(r):
-            m = &self.pathset.rxmsg[i].msg_hdr
-            p = <uint8_t *>self.pathset.rxiov[i].iov_base
-            n = self.pathset.rxmsg[i].msg_len
-            if m.msg_flags & MSG_TRUNC:
-                self.ctr.malformed += 1
-                continue
-            if m.msg_flags & MSG_CTRUNC:
-                # The source address to answer from, or the GRO segment size,
-                # may be what was cut: nothing about this datagram is sure.
-                self.ctr.truncated += 1
-                continue
-            # With UDP_GRO a slot may hold a train of datagrams, each `seg`
-            # long but the last (udp(7)); each is a datagram of its own.
-            seg = gro_segment_size(m)
-            if seg == 0:
-                seg = n
-            off = 0
-            while off < n:
-                self._receive(sock, p + off, seg if n - off > seg else n - off, m, now)
-                off += seg
-        self.tun.flush()
-        return 0
-
-    cdef void _receive(self, int sock, uint8_t *p, size_t n, msghdr *m,
-                       uint64_t now) noexcept nogil:
-        """One datagram: check it, then deliver, drop or hand it up."""
-        cdef Header h
-        cdef int verdict = parse_header(p, n, &h, self.keyring.keyed)
-        if verdict == H_OK:
-            if self.keyring.keyed:
-                self._receive_sealed(sock, &h, p, n, m, now)
-            else:
-                self._receive_plain(sock, &h, p, n, m, now)
-            return
-        if verdict == H_OTHER_MODE:
-            self.ctr.key_mismatch += 1
-            self._rejected(m)
-        else:
-            self.ctr.malformed += 1
-
-    cdef void _receive_plain(self, int sock, Header *h, uint8_t *p, size_t n,
-                             msghdr *m, uint64_t now) noexcept nogil:
-        cdef int path
-        if h.ptype != T_DATA and self.pathset.server:
-            self.pathset.learn(sock, h.path, m)
-        path = self.pathset.endpoint_for(sock, h.path, m)
-        if path < 0:
-            self.ctr.unknown_source += 1
-            return
-        self.pathset.count_rx(path, n, now)
-        if h.ptype != T_DATA:
-            if self.keyring.adopt_session(h.session):
-                self.event = True
-            self._on_probe(path, h, p, n, m, now)
-        elif h.session != self.keyring.peer_session:
-            self.ctr.wrong_session += 1
-        else:
-            self._deliver(path, window_check(&self.keyring.win, h.seq), p, n)
-
-    cdef void _receive_sealed(self, int sock, Header *h, uint8_t *p, size_t n,
-                              msghdr *m, uint64_t now) noexcept nogil:
-        cdef Keypair *kp
-        cdef int path, verdict
-        cdef bint probe_to_server = self.pathset.server and h.ptype != T_DATA
-        if probe_to_server:
-            # Probes and handshakes name their path; a server learns where it
-            # is only from one that proves authentic (below, or in Python).
-            path = h.path
-        else:
-            path = self.pathset.endpoint_for(sock, h.path, m)
-            if path < 0:
-                self.ctr.unknown_source += 1
-                return
-        if h.ptype == T_HANDSHAKE_INIT or h.ptype == T_HANDSHAKE_RESPONSE:
-            self.control.push(path, p, n, now, self.pathset.socks[sock], m)
-            return
-        kp = self.keyring.find(h.session)
-        if kp == NULL:
-            self.ctr.wrong_session += 1
-            return
-        # The window first: a copy that lost the race, or a replay, is
-        # dropped without spending a decryption on it, and since it proved
-        # nothing it moves no per-path counter and keeps no path alive.
-        verdict = window_test(&kp.win, h.seq)
-        if verdict != W_NEW:
-            if verdict == W_DUPLICATE:
-                self.ctr.duplicates += 1
-            else:
-                self.ctr.too_old += 1
-            return
-        if not open_packet(kp, p, n, h.seq):
-            self.ctr.auth_failed += 1
-            self._rejected(m)
-            return
-        n -= TAG_LEN
-        if not payload_fits(h.ptype, p + HEADER_LEN, n - HEADER_LEN):
-            self.ctr.malformed += 1  # authentic, but not what the protocol allows
-            return
-        window_mark(&kp.win, h.seq)
-        if self.keyring.confirm(kp, now):
-            self.event = True
-        if probe_to_server:
-            self.pathset.learn(sock, path, m)
-        self.pathset.count_rx(path, n + TAG_LEN, now)
-        if h.ptype != T_DATA:
-            self._on_probe(path, h, p, n, m, now)
-        else:
-            self._deliver(path, W_NEW, p, n)
-
-    cdef inline void _deliver(self, int path, int verdict, uint8_t *p, size_t n) noexcept nogil:
-        """DATA p[:n] (in clear) that the window judged: hand it to the TUN
-        if it is the first copy, else count it."""
-        cdef Endpoint *ep = &self.pathset.eps[path]
-        if verdict == W_NEW:
-            self.ctr.delivered += 1
-            self.ctr.delivered_bytes += n - HEADER_LEN
-            ep.c.first_arrivals += 1
-            self.tun.write(p + HEADER_LEN, n - HEADER_LEN)
-        elif verdict == W_DUPLICATE:
-            self.ctr.duplicates += 1
-            ep.c.duplicates += 1
-        else:
-            self.ctr.too_old += 1
-
-    cdef void _on_probe(self, int path, Header *h, uint8_t *p, size_t n, msghdr *m,
-                        uint64_t now) noexcept nogil:
-        """A probe (in clear now) is answered here, not in Python, so that
-        the round trip has no interpreter in it: the same payload back, so
-        the reply is exactly as long as the probe (no amplification). A
-        reply goes up to Python for the path's health."""
-        cdef uint8_t reply[HEADER_LEN + PROBE_MAX_PAYLOAD + TAG_LEN]
-        cdef size_t r
-        if h.ptype == T_PROBE:
-            memcpy(reply + HEADER_LEN, p + HEADER_LEN, n - HEADER_LEN)
-            r = self.keyring.frame(reply, n - HEADER_LEN, T_PROBE_REPLY, <uint8_t>path, h.seq)
-            if r:
-                self.pathset.send_one(path, reply, r)
-        else:
-            self.control.push(path, p, n, now, self.pathset.eps[path].fd, m)
-
-    cdef inline void _rejected(self, msghdr *m) noexcept nogil:
-        memcpy(&self.rejected_addr, m.msg_name, m.msg_namelen)
-
     # ------------------------------------------------------------ Python API
 
     @property
@@ -335,7 +183,9 @@ cdef class Engine:
         with nogil:
             rc = self._run(timeout_ms)
         if rc < 0:
-            raise OSError(-rc, os.strerror(-rc))
+            what = ("reading the TUN device" if self.failed == TAG_TUN else "waiting in epoll"
+                    if self.failed == TAG_WAKE else f"receiving on path socket {self.failed}")
+            raise OSError(-rc, f"{what}: {os.strerror(-rc)}")
         return rc
 
     def take_control(self):
@@ -404,7 +254,7 @@ cdef class Engine:
         return dict(d, session=self.keyring.session, peer_session=self.keyring.peer_session,
                     tx_seq=self.keyring.tx_seq, keyed=self.keyring.keyed,
                     key_id=self.keyring.slot[K_CURRENT].id,
-                    rejected_from=sockaddr_to_tuple(&self.rejected_addr))
+                    rejected_from=sockaddr_to_tuple(&self.rx.rejected_addr))
 
     def paths(self):
         """Per-path endpoint and counters, for every path ever used."""

@@ -78,8 +78,8 @@ cdef class Paths:
     cdef int socks[MAX_PATHS]
     cdef Endpoint eps[MAX_PATHS]
     cdef TunnelCounters *ctr
-    # An endpoint was learned or a path refused UDP GSO since the engine
-    # last looked.
+    # An endpoint was learned or a path refused a UDP GSO train since the
+    # engine last looked.
     cdef bint changed
     cdef mmsghdr txmsg[BATCH]
     cdef int txfirst[BATCH]
@@ -166,10 +166,10 @@ cdef class Paths:
                 # kernel fragments these.
                 if e == EIO:
                     ep.gso = False
-                    self.changed = True
                 else:
                     ep.gso_max_seg = b.iov[first].iov_len - 1
                 ep.c.gso_fallbacks += 1
+                self.changed = True
                 ngroups = self._group(ep, b, first)
                 sent = 0
                 continue
@@ -351,6 +351,7 @@ cdef class Paths:
                 continue
             d = ep.c
             d.update(path=i, active=ep.fd >= 0, udp_gso=ep.gso, last_errno=ep.last_errno,
+                     udp_gso_max=ep.gso_max_seg if ep.gso and ep.gso_max_seg < SLOT else None,
                      last_rx_ns=ep.last_rx_ns,
                      remote=sockaddr_to_tuple(&ep.addr) if ep.addrlen else None)
             out.append(d)

@@ -1,0 +1,181 @@
+# The receive direction: from a path socket's datagrams to the TUN. Each
+# datagram's header is checked, then its source (the path's endpoint), its
+# session or key, the window, and sealed, its tag; the first copy of a packet
+# is written to the TUN, later copies are dropped. Probes are answered here;
+# probe replies and handshakes go up to Python through the control queue.
+
+@cython.final
+cdef class Receiver:
+    cdef Tun tun
+    cdef Paths paths
+    cdef KeyRing keyring
+    cdef ControlQueue control
+    cdef TunnelCounters *ctr
+    # Who sent the last packet that failed authentication or was of the
+    # other mode, for the control plane's (rate-limited) log line.
+    cdef sockaddr_storage rejected_addr
+    # Keys confirmed or a peer session adopted since the engine last looked.
+    cdef bint event
+
+    def __cinit__(self, Tun tun, Paths paths, KeyRing keyring, ControlQueue control):
+        self.tun = tun
+        self.paths = paths
+        self.keyring = keyring
+        self.control = control
+
+    cdef int from_path(self, int sock) noexcept nogil:
+        """What path socket sock has queued: checked, delivered, answered or
+        queued for Python; 0, or -errno if the socket broke."""
+        cdef int r, i
+        cdef size_t n, seg, off
+        cdef uint8_t *p
+        cdef msghdr *m
+        cdef uint64_t now
+        r = self.paths.receive(sock)
+        if r <= 0:
+            return r
+        now = now_ns()
+        self.ctr.rx_batches += 1
+        for i in range(r):
+            m = &self.paths.rxmsg[i].msg_hdr
+            p = <uint8_t *>self.paths.rxiov[i].iov_base
+            n = self.paths.rxmsg[i].msg_len
+            if m.msg_flags & MSG_TRUNC:
+                self.ctr.malformed += 1
+                continue
+            if m.msg_flags & MSG_CTRUNC:
+                # The source address to answer from, or the GRO segment size,
+                # may be what was cut: nothing about this datagram is sure.
+                self.ctr.truncated += 1
+                continue
+            # With UDP_GRO a slot may hold a train of datagrams, each `seg`
+            # long but the last (udp(7)); each is a datagram of its own.
+            seg = gro_segment_size(m)
+            if seg == 0:
+                seg = n
+            off = 0
+            while off < n:
+                self._receive(sock, p + off, seg if n - off > seg else n - off, m, now)
+                off += seg
+        self.tun.flush()
+        return 0
+
+    cdef void _receive(self, int sock, uint8_t *p, size_t n, msghdr *m,
+                       uint64_t now) noexcept nogil:
+        """One datagram: check it, then deliver, drop or hand it up."""
+        cdef Header h
+        cdef int verdict = parse_header(p, n, &h, self.keyring.keyed)
+        if verdict == H_OK:
+            if self.keyring.keyed:
+                self._receive_sealed(sock, &h, p, n, m, now)
+            else:
+                self._receive_plain(sock, &h, p, n, m, now)
+            return
+        if verdict == H_OTHER_MODE:
+            self.ctr.key_mismatch += 1
+            self._rejected(m)
+        else:
+            self.ctr.malformed += 1
+
+    cdef void _receive_plain(self, int sock, Header *h, uint8_t *p, size_t n,
+                             msghdr *m, uint64_t now) noexcept nogil:
+        cdef int path
+        if h.ptype != T_DATA and self.paths.server:
+            self.paths.learn(sock, h.path, m)
+        path = self.paths.endpoint_for(sock, h.path, m)
+        if path < 0:
+            self.ctr.unknown_source += 1
+            return
+        self.paths.count_rx(path, n, now)
+        if h.ptype != T_DATA:
+            if self.keyring.adopt_session(h.session):
+                self.event = True
+            self._on_probe(path, h, p, n, m, now)
+        elif h.session != self.keyring.peer_session:
+            self.ctr.wrong_session += 1
+        else:
+            self._deliver(path, window_check(&self.keyring.win, h.seq), p, n)
+
+    cdef void _receive_sealed(self, int sock, Header *h, uint8_t *p, size_t n,
+                              msghdr *m, uint64_t now) noexcept nogil:
+        cdef Keypair *kp
+        cdef int path, verdict
+        cdef bint probe_to_server = self.paths.server and h.ptype != T_DATA
+        if probe_to_server:
+            # Probes and handshakes name their path; a server learns where it
+            # is only from one that proves authentic (below, or in Python).
+            path = h.path
+        else:
+            path = self.paths.endpoint_for(sock, h.path, m)
+            if path < 0:
+                self.ctr.unknown_source += 1
+                return
+        if h.ptype == T_HANDSHAKE_INIT or h.ptype == T_HANDSHAKE_RESPONSE:
+            self.control.push(path, p, n, now, self.paths.socks[sock], m)
+            return
+        kp = self.keyring.find(h.session)
+        if kp == NULL:
+            self.ctr.wrong_session += 1
+            return
+        # The window first: a copy that lost the race, or a replay, is
+        # dropped without spending a decryption on it, and since it proved
+        # nothing it moves no per-path counter and keeps no path alive.
+        verdict = window_test(&kp.win, h.seq)
+        if verdict != W_NEW:
+            if verdict == W_DUPLICATE:
+                self.ctr.duplicates += 1
+            else:
+                self.ctr.too_old += 1
+            return
+        if not open_packet(kp, p, n, h.seq):
+            self.ctr.auth_failed += 1
+            self._rejected(m)
+            return
+        n -= TAG_LEN
+        if not payload_fits(h.ptype, p + HEADER_LEN, n - HEADER_LEN):
+            self.ctr.malformed += 1  # authentic, but not what the protocol allows
+            return
+        window_mark(&kp.win, h.seq)
+        if self.keyring.confirm(kp, now):
+            self.event = True
+        if probe_to_server:
+            self.paths.learn(sock, path, m)
+        self.paths.count_rx(path, n + TAG_LEN, now)
+        if h.ptype != T_DATA:
+            self._on_probe(path, h, p, n, m, now)
+        else:
+            self._deliver(path, W_NEW, p, n)
+
+    cdef inline void _deliver(self, int path, int verdict, uint8_t *p, size_t n) noexcept nogil:
+        """DATA p[:n] (in clear) that the window judged: hand it to the TUN
+        if it is the first copy, else count it."""
+        cdef Endpoint *ep = &self.paths.eps[path]
+        if verdict == W_NEW:
+            self.ctr.delivered += 1
+            self.ctr.delivered_bytes += n - HEADER_LEN
+            ep.c.first_arrivals += 1
+            self.tun.write(p + HEADER_LEN, n - HEADER_LEN)
+        elif verdict == W_DUPLICATE:
+            self.ctr.duplicates += 1
+            ep.c.duplicates += 1
+        else:
+            self.ctr.too_old += 1
+
+    cdef void _on_probe(self, int path, Header *h, uint8_t *p, size_t n, msghdr *m,
+                        uint64_t now) noexcept nogil:
+        """A probe (in clear now) is answered here, not in Python, so that
+        the round trip has no interpreter in it: the same payload back, so
+        the reply is exactly as long as the probe (no amplification). A
+        reply goes up to Python for the path's health."""
+        cdef uint8_t reply[HEADER_LEN + PROBE_MAX_PAYLOAD + TAG_LEN]
+        cdef size_t r
+        if h.ptype == T_PROBE:
+            memcpy(reply + HEADER_LEN, p + HEADER_LEN, n - HEADER_LEN)
+            r = self.keyring.frame(reply, n - HEADER_LEN, T_PROBE_REPLY, <uint8_t>path, h.seq)
+            if r:
+                self.paths.send_one(path, reply, r)
+        else:
+            self.control.push(path, p, n, now, self.paths.eps[path].fd, m)
+
+    cdef inline void _rejected(self, msghdr *m) noexcept nogil:
+        memcpy(&self.rejected_addr, m.msg_name, m.msg_namelen)
