@@ -13,6 +13,18 @@ def pytest_addoption(parser):
         help="also run the end-to-end scenarios with this tunnel, started with the original "
              "C++ tool's command line (CMD -l ADDR -s 0.0.0.0 -p PORT / CMD -l ADDR -c PAIRS "
              "-p PORT), on the same bed, for side-by-side figures")
+    parser.addoption(
+        "--baseline-python", metavar="PYTHON",
+        help="the Python of a virtual environment with another version of multitun "
+             "installed, for benchmarks/test_versions.py")
+
+
+@pytest.fixture
+def baseline_python(request):
+    python = request.config.getoption("--baseline-python")
+    if not python:
+        pytest.skip("no --baseline-python: nothing to compare this version with")
+    return python
 
 
 def pytest_generate_tests(metafunc):

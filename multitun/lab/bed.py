@@ -167,9 +167,13 @@ class Bed:
     def popen(self, ns: str, argv: list[str], **kw: object) -> subprocess.Popen:
         return subprocess.Popen(self.command(ns, argv), **kw)
 
-    def multitun(self, ns: str, args: list[str], **kw: object) -> subprocess.Popen:
-        """Start ``python -m multitun ARGS`` in ``ns``."""
-        return self.popen(ns, [sys.executable, "-m", "multitun", *args], cwd=PACKAGE_ROOT, **kw)
+    def multitun(self, ns: str, args: list[str], python: str | None = None,
+                 **kw: object) -> subprocess.Popen:
+        """Start ``python -m multitun ARGS`` in ``ns``: this process's multitun,
+        or the one installed for another ``python`` (run from /, so that no
+        source tree shadows it)."""
+        return self.popen(ns, [python or sys.executable, "-m", "multitun", *args],
+                          cwd="/" if python else PACKAGE_ROOT, **kw)
 
     def set_link(self, ns: str, ifname: str, up: bool) -> None:
         with IPRoute(netns=ns) as ipr:

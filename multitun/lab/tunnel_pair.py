@@ -23,10 +23,13 @@ class TunnelPair:
 
     def __init__(self, bed: Bed, logdir: Path, port: int = 5678,
                  server_extra: tuple[str, ...] = (), client_extra: tuple[str, ...] = (),
-                 command: list[str] | None = None) -> None:
+                 command: list[str] | None = None, python: str | None = None) -> None:
         """``command``: run this program instead of multitun, with the original
-        C++ tool's flags only (-l, -s, -c, -p), to compare tunnels on one bed."""
+        C++ tool's flags only (-l, -s, -c, -p), to compare tunnels on one bed.
+        ``python``: run the multitun installed for this interpreter (another
+        version of it, in a virtual environment) with all its flags."""
         self.bed, self.logdir, self.port, self.command = bed, Path(logdir), port, command
+        self.python = python
         ipv6 = () if command else ("-l", f"{TUN_SERVER6}/64")
         self.server_args = ["-l", TUN_SERVER, *ipv6, "-s", "0.0.0.0", "-p", str(port),
                             *server_extra]
@@ -53,7 +56,8 @@ class TunnelPair:
             if self.command:
                 return self.bed.popen(ns, [*self.command, *args], stdout=log,
                                       stderr=subprocess.STDOUT)
-            return self.bed.multitun(ns, args, stdout=log, stderr=subprocess.STDOUT)
+            return self.bed.multitun(ns, args, python=self.python, stdout=log,
+                                     stderr=subprocess.STDOUT)
 
     def start_server(self) -> None:
         self.server = self._start("server")

@@ -1,0 +1,76 @@
+"""Another version of multitun against this one, on one bed, alternating:
+what a change did to the speed a user sees. Skipped unless given the Python
+of a virtual environment that has the other version installed:
+
+    git worktree add /tmp/prev-src main         # or any earlier commit
+    python3 -m venv /tmp/prev-venv && /tmp/prev-venv/bin/pip install /tmp/prev-src
+    python3 -m pytest benchmarks/test_versions.py -s --baseline-python /tmp/prev-venv/bin/python
+
+Every round starts a tunnel pair of each version in turn on the same bed and
+measures one TCP stream, 1400-byte UDP datagrams per second, the idle round
+trip added to the bare path's, and one TCP stream sealed (--key-file). The figures are medians over
+the rounds; the ratios are this version's over the other's (round trip: the
+other's over this one's, so that above 1 is better everywhere).
+"""
+
+import statistics
+
+import pytest
+
+from multitun.keyfile import generate_key
+from multitun.lab import Bed, TUN_SERVER, TunnelPair, ping_interleaved, tcp_throughput, udp_flood
+
+from .conftest import requires_root
+
+pytestmark = requires_root
+
+ROUNDS = 3
+BARE = "192.0.2.1"  # path 0's server address: the bare veth path
+
+
+def measure(bed, logs, python, key):
+    """One version's figures on the bed."""
+    out = {}
+    with TunnelPair(bed, logs / "clear", python=python) as pair:
+        pair.wait_carrying()
+        out["tcp_gbit_s"] = tcp_throughput(bed, bed.client, bed.server, TUN_SERVER)
+        out["udp1400_pps"] = udp_flood(bed, bed.client, bed.server, TUN_SERVER,
+                                       1400)["received_pps"]
+        rtts = ping_interleaved(bed, bed.client, [BARE, TUN_SERVER], count=1000, interval=0.001)
+        bare, tunnel = (statistics.median(r for r in rtts[d] if r is not None) for d in
+                        (BARE, TUN_SERVER))
+        out["rtt_added_us"] = (tunnel - bare) * 1e6
+    sealed = ("--key-file", str(key))
+    with TunnelPair(bed, logs / "sealed", python=python, server_extra=sealed,
+                    client_extra=sealed) as pair:
+        pair.wait_carrying()
+        out["sealed_tcp_gbit_s"] = tcp_throughput(bed, bed.client, bed.server, TUN_SERVER)
+    return out
+
+
+def test_this_version_against_another(benchmark, baseline_python, tmp_path):
+    key = tmp_path / "key"
+    key.write_text(generate_key())
+    key.chmod(0o600)
+    runs = {"other": [], "this": []}
+    with Bed(2) as bed:
+        def rounds():
+            for i in range(ROUNDS):
+                for name, python in (("other", baseline_python), ("this", None)):
+                    logs = tmp_path / f"{name}{i}"
+                    (logs / "clear").mkdir(parents=True)
+                    (logs / "sealed").mkdir()
+                    runs[name].append(measure(bed, logs, python, key))
+                    print(name, i, runs[name][-1], flush=True)
+
+        benchmark.pedantic(rounds, rounds=1, iterations=1)
+    figures = {}
+    for metric in runs["this"][0]:
+        other = statistics.median(r[metric] for r in runs["other"])
+        this = statistics.median(r[metric] for r in runs["this"])
+        ratio = other / this if metric.startswith("rtt") else this / other
+        figures.update({f"{metric}_other": round(other, 2), f"{metric}_this": round(this, 2),
+                        f"{metric}_ratio": round(ratio, 3)})
+    benchmark.extra_info.update(figures)
+    print("\n" + "\n".join(f"{k} {v}" for k, v in figures.items()))
+    assert all(v > 0 for v in figures.values())
