@@ -1,4 +1,5 @@
-"""`multitun status`, metrics and logs of a real tunnel."""
+"""`multitun status`, metrics and logs: the snapshot, its table and the
+status server on their own, then of a real tunnel."""
 
 import json
 import os
@@ -6,16 +7,88 @@ import socket
 import subprocess
 import sys
 import time
+from ipaddress import ip_address, ip_interface
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from multitun import status
+from multitun import metrics, status
+from multitun.config import Config
+from multitun.counters import PATH_COUNTERS, TUNNEL_COUNTERS
 from multitun.lab import TUN_SERVER, TunnelPair, tcp_transfer
+from multitun.pathstate import PathStates
+from multitun.roles import ServerRole
 
 from .conftest import requires_root
 
-pytestmark = [requires_root, pytest.mark.netns]
+
+def netns(test):
+    """A test of real tunnels in network namespaces: root only."""
+    return requires_root(pytest.mark.netns(test))
+
+
+SERVER = Config(tun_addresses=(ip_interface("10.42.42.1/24"),), port=5678,
+                server_listen=ip_address("0.0.0.0"))
+
+
+def engine_dicts(new: bool, **counts):
+    """Engine.stats() and Engine.paths() of a server with two paths, the
+    second forgotten: as the engine of today reports them (no `truncated`;
+    send_dropped and gso_fallbacks for the whole tunnel, not per path) or as
+    the new one does. ``counts``: counter values, ``path0_...`` per path."""
+    tunnel = set(TUNNEL_COUNTERS) if new else set(TUNNEL_COUNTERS) - {"truncated"} | {
+        "send_dropped", "gso_fallbacks"}
+    per_path = set(PATH_COUNTERS) if new else set(PATH_COUNTERS) - {"send_dropped",
+                                                                       "gso_fallbacks"}
+    stats = {k: counts.get(k, 0) for k in tunnel} | {
+        "session": 0x1234, "peer_session": 0x5678, "tx_seq": 9, "keyed": False, "key_id": 0,
+        "rejected_from": None}
+    paths = [{k: counts.get(f"path{i}_{k}", 0) for k in per_path} | {
+        "path": i, "active": i == 0, "udp_gso": True, "remote": ("192.0.2.2", 40000) if i == 0
+        else None, "last_errno": 0, "last_rx_ns": 0} for i in range(2)]
+    return stats, paths
+
+
+def server_snapshot(stats, paths):
+    return status.snapshot(ServerRole(SERVER), "multitun0", time.monotonic(), stats, paths,
+                           PathStates(SERVER), None)
+
+
+@pytest.mark.parametrize("new", [False, True], ids=["engine-today", "engine-new"])
+def test_snapshot_has_every_counter(new):
+    st = server_snapshot(*engine_dicts(new, delivered=5, path0_tx_packets=7))
+    assert set(TUNNEL_COUNTERS) <= st["tunnel"].keys()
+    assert st["tunnel"]["delivered"] == 5 and st["tunnel"]["truncated"] == 0
+    (path,) = st["paths"]  # the forgotten one is no path of the server's
+    assert set(PATH_COUNTERS) <= path.keys() and path["tx_packets"] == 7
+    assert (path["name"], path["local"], path["remote"], path["state"]) == (
+        "path0", "0.0.0.0:5678", "192.0.2.2:40000", "down")
+    assert st["role"] == "server" and st["peer_session"] == "00005678"
+
+
+def test_send_drops_per_path_and_rare_drops_in_the_table():
+    stats, paths = engine_dicts(True, path0_send_dropped=5, path1_send_dropped=2, truncated=3)
+    st = server_snapshot(stats, paths)
+    assert st["paths"][0]["send_dropped"] == 5
+    assert st["tunnel"]["send_dropped"] == 7  # every path's, the forgotten one's too
+    lines = status.render(st).splitlines()
+    assert lines[2].split()[-2:] == ["errors", "dropped"]
+    assert lines[3].startswith("path0") and lines[3].split()[-2:] == ["0", "5"]
+    tunnel_line = next(line for line in lines if line.startswith("tunnel: "))
+    assert tunnel_line.endswith("unknown source, 3 with truncated control data")
+    stats["truncated"], stats["control_dropped"] = 0, 4
+    tunnel_line = next(line for line in status.render(server_snapshot(stats, paths)).splitlines()
+                       if line.startswith("tunnel: "))
+    assert tunnel_line.endswith("unknown source, 4 control packets")
+
+
+def test_metrics_export_every_counter():
+    st = server_snapshot(*engine_dicts(True, path0_gso_fallbacks=2, truncated=1))
+    families = {f.name: f for f in metrics._Collector(lambda: st).collect()}
+    assert {f"multitun_path_{k}" for k in PATH_COUNTERS} <= families.keys()
+    assert {f"multitun_{k}" for k in TUNNEL_COUNTERS} <= families.keys()
+    assert families["multitun_path_gso_fallbacks"].samples[0].value == 2
+    assert families["multitun_truncated"].samples[0].value == 1
 
 
 def run_status(bed, ns, *args):
@@ -43,6 +116,7 @@ def wait_states(bed, ns, want, timeout=3.0):
         time.sleep(0.1)
 
 
+@netns
 def test_paths_up_down_up_and_counters(tunnel):
     bed = tunnel.bed
     _, st = wait_states(bed, bed.client, {"path0": "up", "path1": "up"})
@@ -70,6 +144,7 @@ def test_paths_up_down_up_and_counters(tunnel):
     assert "path 0 down: no probe answered" in log and log.count("path 0 up") == 2
 
 
+@netns
 def test_server_sees_the_same_paths(tunnel):
     bed = tunnel.bed
     _, st = wait_states(bed, bed.server, {"path0": "up", "path1": "up"})
@@ -77,6 +152,7 @@ def test_server_sees_the_same_paths(tunnel):
     assert [p["remote"].split(":")[0] for p in st["paths"]] == ["192.0.2.2", "198.51.100.2"]
 
 
+@netns
 def test_two_instances_in_two_namespaces_answer_separately(tunnel):
     bed = tunnel.bed
     client, server = status_json(bed, bed.client), status_json(bed, bed.server)
@@ -87,6 +163,7 @@ def test_two_instances_in_two_namespaces_answer_separately(tunnel):
     assert client["dev"] == server["dev"] == "multitun0"  # same name, no collision
 
 
+@netns
 def test_table(tunnel):
     bed = tunnel.bed
     wait_states(bed, bed.client, {"path0": "up", "path1": "up"})
@@ -99,12 +176,14 @@ def test_table(tunnel):
     assert lines[-1] == "in clear: no --key-file (neither authenticated nor encrypted)"
 
 
+@netns
 def test_no_instance_here_is_a_one_line_error(bed):
     proc = run_status(bed, bed.client)
     assert proc.returncode == 2
     assert proc.stderr == "multitun status: error: no multitun instance is running in this network namespace\n"
 
 
+@netns
 def test_only_root_or_the_owner_may_ask(tunnel):
     # A process of another user in the same namespace is refused.
     path = status.address("multitun0")
@@ -138,6 +217,7 @@ def scrape(bed, ns, hostport):
     return {f.name: f for f in text_string_to_metric_families(text)}
 
 
+@netns
 def test_metrics_scraped_and_parsed(bed, tmp_path):
     with TunnelPair(bed, tmp_path, client_extra=("--metrics", "127.0.0.1:9105")) as pair:
         pair.wait_carrying()
@@ -157,6 +237,7 @@ def test_metrics_scraped_and_parsed(bed, tmp_path):
         assert delivered == firsts > 0
 
 
+@netns
 def test_json_log_lines(bed, tmp_path):
     with TunnelPair(bed, tmp_path, server_extra=("--log-format", "json")) as pair:
         pair.wait_carrying()
@@ -165,3 +246,4 @@ def test_json_log_lines(bed, tmp_path):
     events = {r.get("event") for r in records}
     assert {"peer_started", "endpoint_learned", "path_up", "stopped"} <= events
     assert all({"time", "level", "pid", "message"} <= r.keys() for r in records)
+
