@@ -20,3 +20,8 @@ class TokenBucket:
             return False
         self.tokens -= 1
         return True
+
+    def wait(self, now: float) -> float:
+        """Seconds until take() can succeed."""
+        self._refill(now)
+        return max(0.0, (1 - self.tokens) / self.rate)

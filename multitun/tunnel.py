@@ -5,9 +5,9 @@ second: probes on every path with an endpoint (they are the keepalives that let
 the server learn the client's paths before any data and keep NAT mappings open,
 and they measure each path's health, kept in pathstate.py), hands probe replies
 to that health and other control packets to the keying (keying.py, with
---key-file), answers `multitun status`, publishes metrics, and logs what
-changed. What only a client or only a server does is in roles.py. Nothing
-here runs per packet.
+--key-file), publishes the snapshot that `multitun status` and the metrics
+report from their own threads, and logs what changed. What only a client or
+only a server does is in roles.py. Nothing here runs per packet.
 """
 
 from __future__ import annotations
@@ -82,15 +82,15 @@ class Tunnel:
             gso = cfg.offload and all(udp_gso_supported(s) for s in socks)
             gro = cfg.offload and all([enable_udp_gro(s) for s in socks])
             self.engine = Engine(
-                device.fd, [s.fileno() for s in socks], role.server, new_session(),
-                (wake_fd, self.status.fileno()), gso=gso,
-                busy_poll_us=cfg.effective_busy_poll_us, keyed=cfg.key is not None,
+                device.fd, [s.fileno() for s in socks], role.server, new_session(), (wake_fd,),
+                gso=gso, busy_poll_us=cfg.effective_busy_poll_us, keyed=cfg.key is not None,
                 vnet_hdr=device.vnet_hdr)
             if cfg.key is not None:
                 self.keying = role.keying(self.engine, cfg.key)
             role.start(self.engine)
             self._gso, self._wake_fd = gso, wake_fd
-            self.published = self.snapshot()
+            self._publish()
+            self.status.start()
             if cfg.metrics:
                 metrics = MetricsServer(cfg.metrics[0], cfg.metrics[1], lambda: self.published)
                 stack.callback(metrics.close)
@@ -212,24 +212,28 @@ class Tunnel:
         while not self.stopping:
             wait = max(0.0, min(next_probe, next_housekeeping) - time.monotonic())
             flags = engine.run(int(wait * 1000) + 1)
-            if flags & WAKE["event"]:
+            # Published when the engine says something changed (a peer, an
+            # endpoint), else at least every probe interval and every second.
+            publish = bool(flags & WAKE["event"])
+            if publish:
                 self._log_events()
             for control in engine.take_control():
                 self._on_control(*control)
             if flags & WAKE["fd"]:
                 _drain(self._wake_fd)
-                self.status.serve(self.snapshot)
             now = time.monotonic()
             if now >= next_probe:
                 if self.keying:
                     self.keying.tick(now)
                 self._probe()
-                if self.config.metrics:  # what the scrape thread reads
-                    self.published = self.snapshot()
                 next_probe = max(next_probe + interval, now)
+                publish = True
             if now >= next_housekeeping:
                 self._housekeeping(now)
                 next_housekeeping = now + HOUSEKEEPING_INTERVAL
+                publish = True
+            if publish:
+                self._publish()
 
     def _probe(self) -> None:
         engine = self.engine
@@ -271,10 +275,12 @@ class Tunnel:
             self._log_rejections()
             self._next_error_summary = now + ERROR_SUMMARY_INTERVAL
 
-    def snapshot(self) -> dict:
-        """What `multitun status` and the metrics report."""
-        return snapshot(self.role, self.dev, self.started, self.engine.stats(),
-                        self.engine.paths(), self.states, self.keying)
+    def _publish(self) -> None:
+        """What `multitun status` answers and the metrics report until the next
+        publish: their threads read only this, never the engine."""
+        self.published = snapshot(self.role, self.dev, self.started, self.engine.stats(),
+                                  self.engine.paths(), self.states, self.keying)
+        self.status.publish(self.published)
 
 
 def _drain(fd: int) -> None:
