@@ -8,6 +8,10 @@ to that health and other control packets to the keying (keying.py, with
 --key-file), publishes the snapshot that `multitun status` and the metrics
 report from their own threads, and logs what changed. What only a client or
 only a server does is in roles.py. Nothing here runs per packet.
+
+The loop ends on SIGINT/SIGTERM, or when the engine raises OSError: an error
+the data plane cannot go on after, said in one line before the process exits
+with status 1.
 """
 
 from __future__ import annotations
@@ -64,7 +68,7 @@ class Tunnel:
         self.stopping = True
 
     def run(self) -> int:
-        """Run until SIGINT/SIGTERM; 0 on a clean stop."""
+        """Run until SIGINT/SIGTERM (0) or until the data plane fails (1)."""
         cfg, role = self.config, self.role
         with contextlib.ExitStack() as stack:
             wake_fd = self._install_signals(stack)
@@ -96,10 +100,10 @@ class Tunnel:
                 stack.callback(metrics.close)
             self._log_start(gso, gro, device)
             notify_systemd("READY=1")
-            self._loop()
+            code = self._loop()
             notify_systemd("STOPPING=1")
             self._log_totals()
-        return 0
+        return code
 
     def _install_signals(self, stack: contextlib.ExitStack) -> int:
         # The engine waits in epoll with the GIL released; set_wakeup_fd makes a
@@ -205,13 +209,21 @@ class Tunnel:
 
     # ------------------------------------------------------------------ loop
 
-    def _loop(self) -> None:
+    def _loop(self) -> int:
+        """Until stopped (0), or until the data plane fails (1)."""
         engine, interval = self.engine, self.config.probe_interval
         now = time.monotonic()
         next_probe, next_housekeeping = now, now + HOUSEKEEPING_INTERVAL
         while not self.stopping:
             wait = max(0.0, min(next_probe, next_housekeeping) - time.monotonic())
-            flags = engine.run(int(wait * 1000) + 1)
+            try:
+                flags = engine.run(int(wait * 1000) + 1)
+            except OSError as e:
+                # An error the data plane cannot go on after (its TUN device
+                # was deleted, say): said once, and the process exits.
+                log.error("data plane stopped: %s", e.strerror or e,
+                          extra=event("data_plane_stopped", errno=e.errno))
+                return 1
             # Published when the engine says something changed (a peer, an
             # endpoint), else at least every probe interval and every second.
             publish = bool(flags & WAKE["event"])
@@ -234,6 +246,7 @@ class Tunnel:
                 publish = True
             if publish:
                 self._publish()
+        return 0
 
     def _probe(self) -> None:
         engine = self.engine
