@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from . import wire
 from ._fastpath import Engine
 from .noise import HandshakeError, Initiator, Responder
+from .ratelimit import TokenBucket
 
 log = logging.getLogger("multitun")
 
@@ -58,21 +59,6 @@ def _message(ptype: wire.PacketType, path: int, key_id: int, body: bytes) -> byt
     return wire.pack_header(ptype, path, key_id, 0, wire.VERSION_SEALED) + body
 
 
-class TokenBucket:
-    def __init__(self, rate: float, burst: int) -> None:
-        self.rate, self.burst = rate, burst
-        self.tokens, self.at = float(burst), None
-
-    def take(self, now: float) -> bool:
-        if self.at is not None:
-            self.tokens = min(self.burst, self.tokens + max(0.0, now - self.at) * self.rate)
-        self.at = now
-        if self.tokens < 1:
-            return False
-        self.tokens -= 1
-        return True
-
-
 @dataclass
 class Rejections:
     """Handshakes refused, for the log and `multitun status`."""
@@ -89,12 +75,31 @@ class Rejections:
 
 
 class Keying:
-    """What both ends do: expire old keys and report."""
+    """What both ends do: take the handshake messages meant for their side,
+    expire old keys, report."""
+
+    # The handshake message this end answers or completes; the other kind,
+    # sent by a peer of the same role or crafted, is ignored.
+    handshake_type: wire.PacketType
 
     def __init__(self, engine: Engine, psk: bytes) -> None:
         self.engine, self.psk = engine, psk
         self.handshakes = 0
         self.rejected = Rejections()
+
+    def on_control(self, path: int, datagram: bytes, source: tuple | None,
+                   reply_to: object, now: float) -> bool:
+        """A control packet from ``Engine.take_control()`` other than a probe
+        reply; True when it put new keys in use (the caller then sends
+        authentic packets on every path at once, which confirms them to the
+        server). ``reply_to`` is the engine's and goes back to it unchanged."""
+        if wire.peek_header(datagram).type != self.handshake_type:
+            return False
+        return self._on_handshake(path, datagram, source, reply_to, now)
+
+    def _on_handshake(self, path: int, datagram: bytes, source: tuple | None,
+                      reply_to: object, now: float) -> bool:
+        raise NotImplementedError
 
     def tick(self, now: float) -> None:
         for k in self.engine.keys():
@@ -127,6 +132,8 @@ class _Pending:
 
 
 class ClientKeying(Keying):
+    handshake_type = wire.PacketType.HANDSHAKE_RESPONSE
+
     def __init__(self, engine: Engine, psk: bytes) -> None:
         super().__init__(engine, psk)
         self.pending: _Pending | None = None
@@ -169,7 +176,8 @@ class ClientKeying(Keying):
                     wire.PacketType.HANDSHAKE_INIT, p["path"], key_id, body))
         log.debug("handshake %08x sent", key_id)
 
-    def on_response(self, path: int, datagram: bytes, source: tuple | None) -> bool:
+    def _on_handshake(self, path: int, datagram: bytes, source: tuple | None,
+                      reply_to: object, now: float) -> bool:
         """A response; True when it completed a handshake (new keys in use)."""
         header = wire.peek_header(datagram)
         pending = self.pending
@@ -200,14 +208,23 @@ class _Answered:
 
 
 class ServerKeying(Keying):
+    handshake_type = wire.PacketType.HANDSHAKE_INIT
+
     def __init__(self, engine: Engine, psk: bytes) -> None:
         super().__init__(engine, psk)
         self.newest_timestamp = 0
         self.latest: _Answered | None = None
         self.bucket = TokenBucket(HANDSHAKES_PER_S, HANDSHAKE_BURST)
 
-    def on_init(self, path: int, datagram: bytes, source: tuple | None,
-                reply_to: bytes, now: float) -> None:
+    def _on_handshake(self, path: int, datagram: bytes, source: tuple | None,
+                      reply_to: object, now: float) -> bool:
+        """A first message: answered when authentic and new. False always:
+        the keys go in as *next*, in use only once the client confirms them."""
+        self._answer(path, datagram, source, reply_to, now)
+        return False
+
+    def _answer(self, path: int, datagram: bytes, source: tuple | None,
+                reply_to: object, now: float) -> None:
         if not self.bucket.take(now):
             self._refuse("rate_limited", source)
             return

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 
+from .counters import HANDSHAKE_COUNTERS, PATH_COUNTERS, TUNNEL_COUNTERS
 from .errors import SetupError
 
 try:
@@ -16,36 +17,6 @@ try:
     from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily
 except ImportError:  # an optional extra: multitun[metrics]
     CollectorRegistry = None
-
-PATH_COUNTERS = {
-    "tx_packets": "Datagrams sent on the path",
-    "tx_bytes": "Bytes sent on the path",
-    "rx_packets": "Datagrams received on the path",
-    "rx_bytes": "Bytes received on the path",
-    "first_arrivals": "Packets delivered whose first copy came by this path",
-    "duplicates": "Later copies received on this path and dropped",
-    "send_errors": "Datagrams the path refused to send",
-}
-TUNNEL_COUNTERS = {
-    "tun_rx_packets": "Packets read from the TUN device and sent",
-    "delivered": "Packets delivered to the TUN device",
-    "delivered_bytes": "Bytes delivered to the TUN device",
-    "duplicates": "Duplicate copies dropped",
-    "too_old": "Packets dropped as older than the de-duplication window",
-    "malformed": "Datagrams dropped as malformed",
-    "wrong_session": "Data of another session than the peer's current one, dropped",
-    "unknown_source": "Data from an address that is not its path's endpoint, dropped",
-    "tun_write_errors": "Packets the TUN device refused",
-    "auth_failed": "Sealed packets that failed authentication, dropped",
-    "key_mismatch": "Packets of the other mode (a key on one end only), dropped",
-    "no_key": "Packets from the TUN device dropped for want of session keys",
-}
-SECURITY_COUNTERS = {
-    "handshakes": "Handshakes completed (client) or answered (server)",
-    "handshake_auth_failed": "Handshake messages that failed authentication",
-    "handshake_replayed": "Handshake messages refused as replays",
-    "handshake_rate_limited": "Handshake messages over the rate limit, unanswered",
-}
 
 
 class _Collector:
@@ -83,7 +54,7 @@ class _Collector:
             yield CounterMetricFamily(f"multitun_{key}", doc, value=st["tunnel"][key])
         security = st["security"]
         if security["keyed"]:
-            for key, doc in SECURITY_COUNTERS.items():
+            for key, doc in HANDSHAKE_COUNTERS.items():
                 yield CounterMetricFamily(f"multitun_{key}", doc, value=security[key])
             if security["key_age_s"] is not None:
                 yield GaugeMetricFamily("multitun_key_age_seconds", "Age of the current keys",

@@ -6,6 +6,12 @@ so instances in different namespaces never collide, and ``multitun status`` run
 in a namespace finds the instances of that namespace. Abstract sockets have no
 file permissions; the instance checks the caller's credentials (SO_PEERCRED)
 and answers only root or its own user.
+
+Any local user can connect, so answering must cost the tunnel nothing: a
+thread of its own answers, from the snapshot the tunnel's loop last published
+(encoded once per publish), at most ANSWERS_PER_S a second, and gives each
+caller ANSWER_TIMEOUT at most. Callers beyond the rate wait in the listen
+backlog, or in connect() once it is full.
 """
 
 from __future__ import annotations
@@ -17,25 +23,73 @@ import os
 import socket
 import struct
 import sys
+import threading
 import time
+from typing import TYPE_CHECKING
 
+from ._version import __version__
+from .counters import PATH_COUNTERS, TUNNEL_COUNTERS
 from .errors import SetupError
+from .logfields import hostport
+from .ratelimit import TokenBucket
+
+if TYPE_CHECKING:
+    from .keying import Keying
+    from .pathstate import PathStates
+    from .roles import ClientRole, ServerRole
 
 PREFIX = "multitun/"
 REPLY_TIMEOUT = 2.0
+ANSWERS_PER_S = 50
+ANSWER_BURST = 10
+ANSWER_TIMEOUT = 0.5
+BACKLOG = 8
+DENIED = json.dumps({"error": "permission denied: only root or the instance's owner may ask "
+                              "for its status"}).encode()
 
 
 def address(dev: str) -> bytes:
     return b"\0" + (PREFIX + dev).encode()
 
 
+def snapshot(role: ClientRole | ServerRole, dev: str, started: float, stats: dict,
+             paths: list[dict], states: PathStates, keying: Keying | None) -> dict:
+    """What `multitun status` and the metrics report, from the engine's
+    ``stats()`` and ``paths()``, the paths' states and the keying."""
+    counted = [(p, _counters(p, PATH_COUNTERS)) for p in paths]
+    tunnel = _counters(stats, TUNNEL_COUNTERS)
+    # Counted per path now; the total stays for readers of earlier output.
+    tunnel["send_dropped"] = sum(c["send_dropped"] for _, c in counted)
+    return {
+        "version": __version__, "role": role.name, "dev": dev, "pid": os.getpid(),
+        "uptime_s": round(time.monotonic() - started, 3),
+        "session": f"{stats['session']:08x}",
+        "peer_session": f"{stats['peer_session']:08x}" if stats["peer_session"] else None,
+        "tunnel": tunnel,
+        "security": keying.snapshot() if keying else {"keyed": False},
+        "paths": [{
+            "name": f"path{p['path']}", "index": p["path"], "local": role.local(p["path"]),
+            "remote": hostport(*p["remote"]) if p["remote"] else None,
+            **states[p["path"]].health.as_dict(),
+            **counters,
+            "last_error": os.strerror(p["last_errno"]) if p["last_errno"] else None,
+            "udp_gso": p["udp_gso"],
+        } for p, counters in counted if role.reports(p)],
+    }
+
+
+def _counters(engine_dict: dict, names: dict) -> dict:
+    # until the new data plane lands: today's engine lacks a few counters
+    return {name: engine_dict.get(name, 0) for name in names}
+
+
 class StatusServer:
-    """The instance's end. ``serve()`` answers whoever is waiting, then returns:
-    it is called from the tunnel's loop when the listening socket is readable."""
+    """The instance's end: bound at once (so that a second instance with the
+    same device name fails at start), answering from ``start()`` until
+    ``close()`` whatever ``publish()`` last gave it."""
 
     def __init__(self, dev: str) -> None:
-        self.sock = socket.socket(socket.AF_UNIX,
-                                  socket.SOCK_STREAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         try:
             self.sock.bind(address(dev))
         except OSError as e:
@@ -44,34 +98,47 @@ class StatusServer:
                 raise SetupError(f"another multitun instance in this network namespace "
                                  f"reports status as {dev}") from None
             raise
-        self.sock.listen(8)
+        self.sock.listen(BACKLOG)
         self.owner = os.geteuid()
+        self.reply = b""
+        self.bucket = TokenBucket(ANSWERS_PER_S, ANSWER_BURST)
+        self.closing = threading.Event()
+        self.thread = threading.Thread(target=self._serve, name="multitun status", daemon=True)
 
-    def fileno(self) -> int:
-        return self.sock.fileno()
+    def publish(self, snapshot: dict) -> None:
+        # Replaced whole: the thread sends either the old bytes or the new.
+        self.reply = json.dumps(snapshot).encode()
 
-    def serve(self, snapshot) -> None:
-        while True:
+    def start(self) -> None:
+        self.thread.start()
+
+    def _serve(self) -> None:
+        while not self.closing.wait(self.bucket.wait(time.monotonic())):
+            self.bucket.take(time.monotonic())
             try:
                 conn, _ = self.sock.accept()
-            except BlockingIOError:
-                return
+            except OSError:
+                continue  # shut down by close(), or out of fds: tried again at the next token
             with conn:
-                conn.settimeout(0.5)  # never let a caller stall the tunnel for long
-                creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
-                                        struct.calcsize("3i"))
-                uid = struct.unpack("3i", creds)[1]
-                if uid in (0, self.owner):
-                    reply = snapshot()
-                else:
-                    reply = {"error": "permission denied: only root or the instance's "
-                                      "owner may ask for its status"}
-                try:
-                    conn.sendall(json.dumps(reply).encode())
-                except OSError:
-                    pass
+                self._answer(conn)
+
+    def _answer(self, conn: socket.socket) -> None:
+        # The whole sendall() gets ANSWER_TIMEOUT: a caller that does not read
+        # holds the thread no longer (socket.settimeout, Python 3.5 and later).
+        conn.settimeout(ANSWER_TIMEOUT)
+        try:
+            creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
+                                    struct.calcsize("3i"))
+            uid = struct.unpack("3i", creds)[1]
+            conn.sendall(self.reply if uid in (0, self.owner) else DENIED)
+        except OSError:
+            pass  # the caller left, or would not read: its loss alone
 
     def close(self) -> None:
+        self.closing.set()
+        self.sock.shutdown(socket.SHUT_RDWR)  # wakes the thread's accept()
+        if self.thread.is_alive():
+            self.thread.join()
         self.sock.close()
 
 
@@ -104,16 +171,22 @@ def query(dev: str | None = None, sock: socket.socket | None = None) -> dict:
             raise StatusError(f"several instances are running ({', '.join(running)}); "
                               f"choose one with --dev")
         dev = running[0]
+    busy = f"the instance with device {dev} did not answer within {REPLY_TIMEOUT:g}s (busy)"
     with sock or socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
         s.settimeout(REPLY_TIMEOUT)
         try:
             s.connect(address(dev))
+        except TimeoutError:  # its listen backlog is full
+            raise StatusError(busy) from None
         except OSError:
             raise StatusError(f"no multitun instance with device {dev} in this "
                               f"network namespace") from None
         chunks = []
-        while chunk := s.recv(65536):
-            chunks.append(chunk)
+        try:
+            while chunk := s.recv(65536):
+                chunks.append(chunk)
+        except TimeoutError:
+            raise StatusError(busy) from None
     reply = json.loads(b"".join(chunks))
     if "error" in reply:
         raise StatusError(reply["error"])
@@ -137,7 +210,7 @@ def render(st: dict) -> str:
         "",
         f"{'path':6} {'state':5} {'local':>22} {'remote':>22} {'rtt ms':>8} {'min':>7} "
         f"{'jitter':>7} {'loss%':>6} {'tx pkts':>10} {'rx pkts':>10} {'first':>10} "
-        f"{'dups':>10} {'errors':>7}",
+        f"{'dups':>10} {'errors':>7} {'dropped':>7}",
     ]
     for p in st["paths"]:
         lines.append(
@@ -145,13 +218,17 @@ def render(st: dict) -> str:
             f"{_num(p['rtt_ms'], '.3f'):>8} {_num(p['rtt_min_ms'], '.3f'):>7} "
             f"{_num(p['jitter_ms'], '.3f'):>7} {_num(p['loss_pct'], '.1f'):>6} "
             f"{p['tx_packets']:>10} {p['rx_packets']:>10} {p['first_arrivals']:>10} "
-            f"{p['duplicates']:>10} {p['send_errors']:>7}")
+            f"{p['duplicates']:>10} {p['send_errors']:>7} {p['send_dropped']:>7}")
+    # Drops that a healthy tunnel never has are named only when they happen.
+    rare = "".join(f", {t[key]} {what}" for key, what in (
+        ("truncated", "with truncated control data"), ("control_dropped", "control packets"))
+        if t[key])
     lines += [
         "",
         f"tunnel: {t['delivered']} packets delivered ({t['delivered_bytes']} bytes), "
         f"{t['tun_rx_packets']} sent; dropped: {t['duplicates']} duplicates, "
         f"{t['too_old']} too old, {t['malformed']} malformed, {t['wrong_session']} wrong "
-        f"session, {t['unknown_source']} unknown source",
+        f"session, {t['unknown_source']} unknown source{rare}",
     ]
     sec = st["security"]
     if sec["keyed"]:

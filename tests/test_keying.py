@@ -33,14 +33,12 @@ class Ends:
         for _ in range(3):
             b.run(0)
             for path, _, datagram, source, reply_to in b.take_control():
-                if wire.peek_header(datagram).type == wire.PacketType.HANDSHAKE_INIT:
-                    self.server.on_init(path, datagram, source, reply_to, self.now)
+                self.server.on_control(path, datagram, source, reply_to, self.now)
             a.run(0)
-            for path, _, datagram, source, _ in a.take_control():
-                if wire.peek_header(datagram).type == wire.PacketType.HANDSHAKE_RESPONSE:
-                    if self.client.on_response(path, datagram, source):
-                        completed += 1
-                        a.send_probe(0, 1, 0)  # what the tunnel does: confirm at once
+            for path, _, datagram, source, reply_to in a.take_control():
+                if self.client.on_control(path, datagram, source, reply_to, self.now):
+                    completed += 1
+                    a.send_probe(0, 1, 0)  # what the tunnel does: confirm at once
         return completed
 
     def connect(self) -> None:
@@ -78,10 +76,39 @@ def test_response_is_shorter_than_the_request(ends):
     ends.pair.udp[0].send(init)  # deliver it to the server ourselves
     ends.pair.engines[1].run(0)
     (path, _, datagram, source, reply_to), = ends.pair.engines[1].take_control()
-    ends.server.on_init(path, datagram, source, reply_to, ends.now)
+    ends.server.on_control(path, datagram, source, reply_to, ends.now)
     response = ends.pair.udp[0].recv(200)
     assert len(init) == wire.HANDSHAKE_INIT_LEN == 72
     assert len(response) == wire.HANDSHAKE_RESPONSE_LEN == 64 < len(init)
+
+
+def test_each_end_takes_only_the_handshake_message_meant_for_it(ends):
+    # A first message sent to a client, or a response sent to a server (by a
+    # peer of the same role, or crafted), changes nothing and gets nothing.
+    a, b = ends.pair.engines
+    ends.client.tick(ends.now)
+    init = ends.pair.udp[1].recv(200)
+    ends.pair.udp[1].send(init)  # back to the client
+    a.run(0)
+    (path, _, datagram, source, reply_to), = a.take_control()
+    pending = ends.client.pending
+    assert ends.client.on_control(path, datagram, source, reply_to, ends.now) is False
+    assert ends.client.pending is pending and ends.client.rejected.as_dict() == {
+        "handshake_auth_failed": 0, "handshake_replayed": 0, "handshake_rate_limited": 0}
+    ends.pair.udp[0].send(init)
+    b.run(0)
+    (path, _, datagram, source, reply_to), = b.take_control()
+    assert ends.server.on_control(path, datagram, source, reply_to, ends.now) is False
+    response = ends.pair.udp[0].recv(200)  # answered: a response now exists
+    ends.pair.udp[0].send(response)  # back to the server
+    b.run(0)
+    (path, _, datagram, source, reply_to), = b.take_control()
+    assert wire.peek_header(datagram).type == wire.PacketType.HANDSHAKE_RESPONSE
+    assert ends.server.on_control(path, datagram, source, reply_to, ends.now) is False
+    assert ends.server.handshakes == 1 and ends.server.rejected.replayed == 0
+    with pytest.raises(BlockingIOError):
+        ends.pair.udp[0].recv(200)
+    assert a.keys() == []
 
 
 def test_replayed_first_message_gets_no_response(ends):
@@ -92,7 +119,7 @@ def test_replayed_first_message_gets_no_response(ends):
         ends.pair.udp[0].send(init)
         b.run(0)
         for path, _, datagram, source, reply_to in b.take_control():
-            ends.server.on_init(path, datagram, source, reply_to, when)
+            ends.server.on_control(path, datagram, source, reply_to, when)
     responses = []
     while True:
         try:
@@ -114,7 +141,7 @@ def test_older_first_message_is_refused(ends):
         ends.pair.udp[0].send(init)
         b.run(0)
         for path, _, datagram, source, reply_to in b.take_control():
-            ends.server.on_init(path, datagram, source, reply_to, ends.now)
+            ends.server.on_control(path, datagram, source, reply_to, ends.now)
     assert ends.server.handshakes == 1 and ends.server.rejected.replayed == 1
 
 
@@ -141,7 +168,7 @@ def test_handshakes_are_rate_limited(ends):
         ends.pair.udp[0].send(init)
     b.run(0)
     for path, _, datagram, source, reply_to in b.take_control():
-        ends.server.on_init(path, datagram, source, reply_to, ends.now)
+        ends.server.on_control(path, datagram, source, reply_to, ends.now)
     assert ends.server.rejected.rate_limited == 10
     assert ends.server.handshakes == keying.HANDSHAKE_BURST
 

@@ -1,21 +1,141 @@
-"""`multitun status`, metrics and logs of a real tunnel."""
+"""`multitun status`, metrics and logs: the snapshot, its table and the
+status server on their own, then of a real tunnel."""
 
 import json
 import os
 import socket
+import statistics
 import subprocess
 import sys
 import time
+from ipaddress import ip_address, ip_interface
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from multitun import status
-from multitun.lab import TUN_SERVER, TunnelPair, tcp_transfer
+from multitun import metrics, status
+from multitun.config import Config
+from multitun.counters import PATH_COUNTERS, TUNNEL_COUNTERS
+from multitun.lab import TUN_SERVER, TunnelPair, ping, tcp_transfer
+from multitun.pathstate import PathStates
+from multitun.roles import ServerRole
 
 from .conftest import requires_root
 
-pytestmark = [requires_root, pytest.mark.netns]
+
+def netns(test):
+    """A test of real tunnels in network namespaces: root only."""
+    return requires_root(pytest.mark.netns(test))
+
+
+SERVER = Config(tun_addresses=(ip_interface("10.42.42.1/24"),), port=5678,
+                server_listen=ip_address("0.0.0.0"))
+
+
+def engine_dicts(new: bool, **counts):
+    """Engine.stats() and Engine.paths() of a server with two paths, the
+    second forgotten: as the engine of today reports them (no `truncated`;
+    send_dropped and gso_fallbacks for the whole tunnel, not per path) or as
+    the new one does. ``counts``: counter values, ``path0_...`` per path."""
+    tunnel = set(TUNNEL_COUNTERS) if new else set(TUNNEL_COUNTERS) - {"truncated"} | {
+        "send_dropped", "gso_fallbacks"}
+    per_path = set(PATH_COUNTERS) if new else set(PATH_COUNTERS) - {"send_dropped",
+                                                                       "gso_fallbacks"}
+    stats = {k: counts.get(k, 0) for k in tunnel} | {
+        "session": 0x1234, "peer_session": 0x5678, "tx_seq": 9, "keyed": False, "key_id": 0,
+        "rejected_from": None}
+    paths = [{k: counts.get(f"path{i}_{k}", 0) for k in per_path} | {
+        "path": i, "active": i == 0, "udp_gso": True, "remote": ("192.0.2.2", 40000) if i == 0
+        else None, "last_errno": 0, "last_rx_ns": 0} for i in range(2)]
+    return stats, paths
+
+
+def server_snapshot(stats, paths):
+    return status.snapshot(ServerRole(SERVER), "multitun0", time.monotonic(), stats, paths,
+                           PathStates(SERVER), None)
+
+
+@pytest.mark.parametrize("new", [False, True], ids=["engine-today", "engine-new"])
+def test_snapshot_has_every_counter(new):
+    st = server_snapshot(*engine_dicts(new, delivered=5, path0_tx_packets=7))
+    assert set(TUNNEL_COUNTERS) <= st["tunnel"].keys()
+    assert st["tunnel"]["delivered"] == 5 and st["tunnel"]["truncated"] == 0
+    (path,) = st["paths"]  # the forgotten one is no path of the server's
+    assert set(PATH_COUNTERS) <= path.keys() and path["tx_packets"] == 7
+    assert (path["name"], path["local"], path["remote"], path["state"]) == (
+        "path0", "0.0.0.0:5678", "192.0.2.2:40000", "down")
+    assert st["role"] == "server" and st["peer_session"] == "00005678"
+
+
+def test_send_drops_per_path_and_rare_drops_in_the_table():
+    stats, paths = engine_dicts(True, path0_send_dropped=5, path1_send_dropped=2, truncated=3)
+    st = server_snapshot(stats, paths)
+    assert st["paths"][0]["send_dropped"] == 5
+    assert st["tunnel"]["send_dropped"] == 7  # every path's, the forgotten one's too
+    lines = status.render(st).splitlines()
+    assert lines[2].split()[-2:] == ["errors", "dropped"]
+    assert lines[3].startswith("path0") and lines[3].split()[-2:] == ["0", "5"]
+    tunnel_line = next(line for line in lines if line.startswith("tunnel: "))
+    assert tunnel_line.endswith("unknown source, 3 with truncated control data")
+    stats["truncated"], stats["control_dropped"] = 0, 4
+    tunnel_line = next(line for line in status.render(server_snapshot(stats, paths)).splitlines()
+                       if line.startswith("tunnel: "))
+    assert tunnel_line.endswith("unknown source, 4 control packets")
+
+
+def test_metrics_export_every_counter():
+    st = server_snapshot(*engine_dicts(True, path0_gso_fallbacks=2, truncated=1))
+    families = {f.name: f for f in metrics._Collector(lambda: st).collect()}
+    assert {f"multitun_path_{k}" for k in PATH_COUNTERS} <= families.keys()
+    assert {f"multitun_{k}" for k in TUNNEL_COUNTERS} <= families.keys()
+    assert families["multitun_path_gso_fallbacks"].samples[0].value == 2
+    assert families["multitun_truncated"].samples[0].value == 1
+
+
+# A status server of this process, in this process's network namespace.
+DEV = f"test{os.getpid()}"
+
+
+@pytest.fixture
+def server():
+    s = status.StatusServer(DEV)
+    s.publish({"n": 1})
+    s.start()
+    yield s
+    s.close()
+
+
+def test_answers_what_was_published_until_closed():
+    server = status.StatusServer(DEV)
+    server.publish({"n": 1})
+    server.start()
+    assert status.query(DEV) == {"n": 1}
+    server.publish({"n": 2})
+    assert status.query(DEV) == {"n": 2}
+    server.close()
+    assert not server.thread.is_alive()
+    with pytest.raises(status.StatusError, match="no multitun instance with device"):
+        status.query(DEV)
+
+
+def test_answers_are_rate_limited(server):
+    extra = 25
+    start = time.monotonic()
+    for _ in range(status.ANSWER_BURST + extra):
+        status.query(DEV)
+    assert time.monotonic() - start > 0.9 * extra / status.ANSWERS_PER_S
+
+
+def test_a_caller_that_never_reads_holds_up_no_one(server):
+    # A reply far larger than a socket's buffer: sending it to a caller that
+    # does not read blocks, until ANSWER_TIMEOUT.
+    server.publish({"pad": "x" * (4 << 20)})
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as stuck:
+        stuck.connect(status.address(DEV))
+        time.sleep(0.05)  # accepted, and the thread is sending to it
+        start = time.monotonic()
+        assert len(status.query(DEV)["pad"]) == 4 << 20
+        assert time.monotonic() - start < 1.0
 
 
 def run_status(bed, ns, *args):
@@ -25,9 +145,21 @@ def run_status(bed, ns, *args):
 
 
 def status_json(bed, ns):
+    """The status as of this call. An instance answers with the snapshot it
+    last published (every probe interval): the first with a later uptime
+    was published after this call."""
     proc = run_status(bed, ns, "--json")
     assert proc.returncode == 0, proc.stderr
-    return json.loads(proc.stdout)
+    first = json.loads(proc.stdout)
+    while (st := ask(bed, ns, first["dev"]))["uptime_s"] == first["uptime_s"]:
+        time.sleep(0.01)
+    return st
+
+
+def ask(bed, ns, dev="multitun0"):
+    """Status from the instance with device ``dev`` in namespace ``ns``,
+    asked from this process."""
+    return status.query(dev, sock=bed.socket(ns, socket.AF_UNIX, socket.SOCK_STREAM))
 
 
 def wait_states(bed, ns, want, timeout=3.0):
@@ -43,6 +175,7 @@ def wait_states(bed, ns, want, timeout=3.0):
         time.sleep(0.1)
 
 
+@netns
 def test_paths_up_down_up_and_counters(tunnel):
     bed = tunnel.bed
     _, st = wait_states(bed, bed.client, {"path0": "up", "path1": "up"})
@@ -70,6 +203,7 @@ def test_paths_up_down_up_and_counters(tunnel):
     assert "path 0 down: no probe answered" in log and log.count("path 0 up") == 2
 
 
+@netns
 def test_server_sees_the_same_paths(tunnel):
     bed = tunnel.bed
     _, st = wait_states(bed, bed.server, {"path0": "up", "path1": "up"})
@@ -77,6 +211,7 @@ def test_server_sees_the_same_paths(tunnel):
     assert [p["remote"].split(":")[0] for p in st["paths"]] == ["192.0.2.2", "198.51.100.2"]
 
 
+@netns
 def test_two_instances_in_two_namespaces_answer_separately(tunnel):
     bed = tunnel.bed
     client, server = status_json(bed, bed.client), status_json(bed, bed.server)
@@ -87,6 +222,7 @@ def test_two_instances_in_two_namespaces_answer_separately(tunnel):
     assert client["dev"] == server["dev"] == "multitun0"  # same name, no collision
 
 
+@netns
 def test_table(tunnel):
     bed = tunnel.bed
     wait_states(bed, bed.client, {"path0": "up", "path1": "up"})
@@ -99,12 +235,14 @@ def test_table(tunnel):
     assert lines[-1] == "in clear: no --key-file (neither authenticated nor encrypted)"
 
 
+@netns
 def test_no_instance_here_is_a_one_line_error(bed):
     proc = run_status(bed, bed.client)
     assert proc.returncode == 2
     assert proc.stderr == "multitun status: error: no multitun instance is running in this network namespace\n"
 
 
+@netns
 def test_only_root_or_the_owner_may_ask(tunnel):
     # A process of another user in the same namespace is refused.
     path = status.address("multitun0")
@@ -138,6 +276,7 @@ def scrape(bed, ns, hostport):
     return {f.name: f for f in text_string_to_metric_families(text)}
 
 
+@netns
 def test_metrics_scraped_and_parsed(bed, tmp_path):
     with TunnelPair(bed, tmp_path, client_extra=("--metrics", "127.0.0.1:9105")) as pair:
         pair.wait_carrying()
@@ -157,6 +296,7 @@ def test_metrics_scraped_and_parsed(bed, tmp_path):
         assert delivered == firsts > 0
 
 
+@netns
 def test_json_log_lines(bed, tmp_path):
     with TunnelPair(bed, tmp_path, server_extra=("--log-format", "json")) as pair:
         pair.wait_carrying()
@@ -165,3 +305,54 @@ def test_json_log_lines(bed, tmp_path):
     events = {r.get("event") for r in records}
     assert {"peer_started", "endpoint_learned", "path_up", "stopped"} <= events
     assert all({"time", "level", "pid", "message"} <= r.keys() for r in records)
+
+
+# Connects to an instance's status socket as fast as it is let, for at most
+# argv[2] seconds or until SIGTERM; prints how many connections it made.
+FLOOD = """
+import signal, socket, sys, time
+signal.signal(signal.SIGTERM, lambda *_: sys.exit())
+address, deadline = b"\\0multitun/" + sys.argv[1].encode(), time.monotonic() + float(sys.argv[2])
+connections = 0
+print("flooding", flush=True)
+try:
+    while time.monotonic() < deadline:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.connect(address)
+            connections += 1
+finally:
+    print(connections, flush=True)
+"""
+
+
+@netns
+def test_status_flood_by_another_user_leaves_the_round_trip_alone(tunnel):
+    # Any local user can connect to the status socket. Answering used to run
+    # on the data plane's thread: connecting in a loop took the round trip
+    # through the tunnel from 0.23 ms to 56 ms.
+    bed = tunnel.bed
+    idle = ping(bed, bed.client, TUN_SERVER, count=200, interval=0.01)
+    nobody = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
+    flooders = [bed.popen(bed.client, [*nobody, sys.executable, "-c", FLOOD, "multitun0", "15"],
+                          stdout=subprocess.PIPE, text=True) for _ in range(4)]
+    try:
+        for f in flooders:
+            assert f.stdout.readline() == "flooding\n"
+        flooded = ping(bed, bed.client, TUN_SERVER, count=200, interval=0.01)
+    finally:
+        for f in flooders:
+            f.terminate()
+    connections = 0
+    for f in flooders:
+        f.wait(10)
+        connections += int(f.stdout.read())
+        f.stdout.close()
+    assert None not in idle and None not in flooded
+    idle_ms, flooded_ms = statistics.mean(idle) * 1e3, statistics.mean(flooded) * 1e3
+    print(f"mean round trip: idle {idle_ms:.3f} ms, under the flood {flooded_ms:.3f} ms, "
+          f"{connections} connections")
+    assert abs(flooded_ms - idle_ms) < 1.0
+    # Not vacuous: the flood got through to the instance (answered at
+    # ANSWERS_PER_S, the rest waiting) for the whole measurement, 2 s or more.
+    assert connections > status.ANSWERS_PER_S
+    assert tunnel.client.poll() is None

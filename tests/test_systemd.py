@@ -1,5 +1,6 @@
 """The systemd unit and readiness notification."""
 
+import os
 import shutil
 import socket
 import subprocess
@@ -8,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from multitun.lab import TunnelPair
+from multitun.system import notify_systemd
 
 from .conftest import requires_root
 
@@ -49,3 +51,19 @@ def test_ready_is_notified(bed, tmp_path, monkeypatch):
             pair.wait_carrying()
             pair.stop_client()
             assert sock.recv(64) == b"STOPPING=1"
+
+
+def test_notify_to_an_abstract_socket(monkeypatch):
+    # sd_notify(3): a NOTIFY_SOCKET starting with '@' is an abstract name.
+    name = f"multitun-test-notify-{os.getpid()}"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        sock.bind("\0" + name)
+        sock.settimeout(5)
+        monkeypatch.setenv("NOTIFY_SOCKET", "@" + name)
+        notify_systemd("READY=1")
+        assert sock.recv(64) == b"READY=1"
+
+
+def test_no_notify_socket_no_notification(monkeypatch):
+    monkeypatch.delenv("NOTIFY_SOCKET", raising=False)
+    notify_systemd("READY=1")  # not under systemd: nothing, and no error

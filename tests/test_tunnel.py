@@ -13,6 +13,7 @@ import threading
 import time
 
 import pytest
+from pyroute2 import IPRoute
 
 from multitun import wire
 from multitun.lab import (
@@ -275,6 +276,23 @@ def test_clean_exit_removes_the_device(tunnel, sig):
     assert "Traceback" not in tunnel.logs("server") + tunnel.logs("client")
 
 
+def test_data_plane_failure_ends_the_process_with_status_1(tunnel):
+    # Deleting the TUN device from under the client makes its reads fail
+    # (EBADFD): the data plane cannot go on. One line says so, no traceback,
+    # and the process exits with status 1 (a supervisor restarts it).
+    bed = tunnel.bed
+    with IPRoute(netns=bed.client) as ipr:
+        ipr.link("del", index=ipr.link_lookup(ifname="multitun0")[0])
+    assert tunnel.client.wait(5) == 1
+    log = tunnel.logs("client")
+    errors = [line for line in log.splitlines() if " ERROR " in line]
+    assert len(errors) == 1, log
+    assert "data plane stopped: " in errors[0] and "File descriptor in bad state" in errors[0]
+    assert "Traceback" not in log
+    assert "multitun0" not in links(bed.client)
+    assert tunnel.server.poll() is None
+
+
 def links(ns):
     return subprocess.run(["ip", "netns", "exec", ns, "ip", "-o", "link"],
                           capture_output=True, text=True, check=True).stdout
@@ -299,7 +317,6 @@ def test_server_on_a_wildcard_replies_from_the_address_written_to(bed, tmp_path)
     # server's route back prefers the first address. Without IP_PKTINFO the
     # replies would come from 192.0.2.1 and the client's connected socket on
     # path 1 would drop them.
-    from pyroute2 import IPRoute
     with IPRoute(netns=bed.server) as ipr:
         ipr.addr("add", index=ipr.link_lookup(ifname="s0")[0], address="192.0.2.9", prefixlen=24)
     with IPRoute(netns=bed.client) as ipr:

@@ -1,0 +1,56 @@
+"""Every counter the tunnel reports, with what it counts: the one list that
+`multitun status --json` and the Prometheus metrics are made from.
+
+The data plane counts (``Engine.stats()`` for the tunnel, ``Engine.paths()``
+per path); the keying counts handshakes. A counter added to the engine is
+reported once it is named here.
+"""
+
+from __future__ import annotations
+
+TUNNEL_COUNTERS = {
+    "tun_rx_packets": "Packets read from the TUN device and sent",
+    "tun_rx_bytes": "Bytes read from the TUN device and sent",
+    "tun_batches": "Batches of packets read from the TUN device",
+    "rx_batches": "Batches of datagrams received from the paths",
+    "delivered": "Packets delivered to the TUN device",
+    "delivered_bytes": "Bytes delivered to the TUN device",
+    "duplicates": "Duplicate copies dropped",
+    "too_old": "Packets dropped as older than the de-duplication window",
+    "malformed": "Datagrams dropped as malformed",
+    "truncated": "Datagrams whose control data was cut short, dropped",
+    "wrong_session": "Data of another session than the peer's current one, dropped",
+    "unknown_source": "Data from an address that is not its path's endpoint, dropped",
+    "tun_write_errors": "Packets the TUN device refused",
+    "control_dropped": "Control packets dropped while the control queue was full",
+    "session_changes": "Times the peer's session changed (the peer started or restarted)",
+    "endpoint_changes": "Times a path's endpoint was learned or moved",
+    "auth_failed": "Sealed packets that failed authentication, dropped",
+    "key_mismatch": "Packets of the other mode (a key on one end only), dropped",
+    "no_key": "Packets from the TUN device dropped for want of session keys",
+    "key_changes": "Times new session keys were put in use",
+    "tun_gso_reads": "Segments read whole from the TUN device and split here",
+    "tun_gso_dropped": "Segments from the TUN device that could not be split, dropped",
+    "gro_writes": "Coalesced segments written to the TUN device",
+    "gro_coalesced": "Packets coalesced into those segments",
+}
+
+PATH_COUNTERS = {
+    "tx_packets": "Datagrams sent on the path",
+    "tx_bytes": "Bytes sent on the path",
+    "rx_packets": "Datagrams received on the path",
+    "rx_bytes": "Bytes received on the path",
+    "first_arrivals": "Packets delivered whose first copy came by this path",
+    "duplicates": "Later copies received on this path and dropped",
+    "send_errors": "Datagrams the path refused to send",
+    "send_dropped": "Datagrams dropped because the path's socket buffer was full",
+    "recv_errors": "Errors reported when receiving on the path",
+    "gso_fallbacks": "UDP GSO trains the path refused (it then sends datagrams one by one)",
+}
+
+HANDSHAKE_COUNTERS = {
+    "handshakes": "Handshakes completed (client) or answered (server)",
+    "handshake_auth_failed": "Handshake messages that failed authentication",
+    "handshake_replayed": "Handshake messages refused as replays",
+    "handshake_rate_limited": "Handshake messages over the rate limit, unanswered",
+}

@@ -1,0 +1,40 @@
+"""What the control plane keeps about each path, beside the engine's counters:
+its health from probes and what the log already said about it (so that each
+change is logged once, and send errors as a summary)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .config import Config
+from .health import LOST_AFTER_INTERVALS, PathHealth
+
+
+@dataclass
+class PathState:
+    health: PathHealth
+    # The peer endpoint last logged (a server logs each one it learns).
+    logged_remote: tuple | None = None
+    # The path's send_errors counter when its errors were last summarised.
+    logged_send_errors: int = 0
+    # A path that refuses a UDP GSO train keeps refusing: said once.
+    logged_gso_refusal: bool = False
+
+    def forget_endpoint(self) -> None:
+        """The path's endpoint is gone: the next one starts with fresh health
+        (down until it answers) and is logged when learned."""
+        self.health = PathHealth(self.health.down_after_ns, self.health.lost_after_ns)
+        self.logged_remote = None
+
+
+class PathStates(dict[int, PathState]):
+    """Path index -> its state, made on first use."""
+
+    def __init__(self, config: Config) -> None:
+        super().__init__()
+        self.down_after_ns = int(config.effective_down_after * 1e9)
+        self.lost_after_ns = LOST_AFTER_INTERVALS * int(config.probe_interval * 1e9)
+
+    def __missing__(self, path: int) -> PathState:
+        state = self[path] = PathState(PathHealth(self.down_after_ns, self.lost_after_ns))
+        return state
