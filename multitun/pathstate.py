@@ -17,8 +17,9 @@ class PathState:
     logged_remote: tuple | None = None
     # The path's send_errors counter when its errors were last summarised.
     logged_send_errors: int = 0
-    # A path that refuses a UDP GSO train keeps refusing: said once.
-    logged_gso_refusal: bool = False
+    # What the log last said of the path's UDP GSO: (on, largest datagram
+    # in a train); each refusal narrows it, and is said once.
+    logged_gso: tuple[bool, int | None] = (True, None)
 
     def forget_endpoint(self) -> None:
         """The path's endpoint is gone: the next one starts with fresh health

@@ -74,13 +74,13 @@ def snapshot(role: ClientRole | ServerRole, dev: str, started: float, stats: dic
             **counters,
             "last_error": os.strerror(p["last_errno"]) if p["last_errno"] else None,
             "udp_gso": p["udp_gso"],
+            "udp_gso_max": p["udp_gso_max"],
         } for p, counters in counted if role.reports(p)],
     }
 
 
 def _counters(engine_dict: dict, names: dict) -> dict:
-    # until the new data plane lands: today's engine lacks a few counters
-    return {name: engine_dict.get(name, 0) for name in names}
+    return {name: engine_dict[name] for name in names}
 
 
 class StatusServer:

@@ -166,12 +166,21 @@ class Tunnel:
             self._seen_sessions = stats["session_changes"]
         self.role.on_events(stats, paths, self.states)
         for p in paths:
-            state = self.states[p["path"]]
-            if self._gso and not p["udp_gso"] and not state.logged_gso_refusal:
+            state, gso = self.states[p["path"]], (p["udp_gso"], p["udp_gso_max"])
+            if not self._gso or gso == state.logged_gso:
+                continue
+            state.logged_gso = gso
+            if not p["udp_gso"]:
                 log.warning("path %d: refused a UDP GSO train (%s); sending datagrams one "
                             "by one on it", p["path"], os.strerror(p["last_errno"]),
                             extra=event("gso_refused", path=p["path"]))
-                state.logged_gso_refusal = True
+            else:
+                log.warning("path %d: refused a UDP GSO train of datagrams over %d bytes (%s): "
+                            "its MTU is smaller; those go one by one, fragmented by the "
+                            "kernel, shorter ones still in trains", p["path"],
+                            p["udp_gso_max"], os.strerror(p["last_errno"]),
+                            extra=event("gso_refused", path=p["path"],
+                                        max_datagram=p["udp_gso_max"]))
 
     def _log_send_errors(self, paths: list[dict]) -> None:
         for p in paths:

@@ -32,21 +32,17 @@ SERVER = Config(tun_addresses=(ip_interface("10.42.42.1/24"),), port=5678,
                 server_listen=ip_address("0.0.0.0"))
 
 
-def engine_dicts(new: bool, **counts):
+def engine_dicts(**counts):
     """Engine.stats() and Engine.paths() of a server with two paths, the
-    second forgotten: as the engine of today reports them (no `truncated`;
-    send_dropped and gso_fallbacks for the whole tunnel, not per path) or as
-    the new one does. ``counts``: counter values, ``path0_...`` per path."""
-    tunnel = set(TUNNEL_COUNTERS) if new else set(TUNNEL_COUNTERS) - {"truncated"} | {
-        "send_dropped", "gso_fallbacks"}
-    per_path = set(PATH_COUNTERS) if new else set(PATH_COUNTERS) - {"send_dropped",
-                                                                       "gso_fallbacks"}
-    stats = {k: counts.get(k, 0) for k in tunnel} | {
+    second forgotten (tests/test_counters.py holds these keys to a real
+    engine's). ``counts``: counter values, ``path0_...`` per path."""
+    stats = {k: counts.get(k, 0) for k in TUNNEL_COUNTERS} | {
         "session": 0x1234, "peer_session": 0x5678, "tx_seq": 9, "keyed": False, "key_id": 0,
         "rejected_from": None}
-    paths = [{k: counts.get(f"path{i}_{k}", 0) for k in per_path} | {
-        "path": i, "active": i == 0, "udp_gso": True, "remote": ("192.0.2.2", 40000) if i == 0
-        else None, "last_errno": 0, "last_rx_ns": 0} for i in range(2)]
+    paths = [{k: counts.get(f"path{i}_{k}", 0) for k in PATH_COUNTERS} | {
+        "path": i, "active": i == 0, "udp_gso": True, "udp_gso_max": None,
+        "remote": ("192.0.2.2", 40000) if i == 0 else None, "last_errno": 0,
+        "last_rx_ns": 0} for i in range(2)]
     return stats, paths
 
 
@@ -55,9 +51,8 @@ def server_snapshot(stats, paths):
                            PathStates(SERVER), None)
 
 
-@pytest.mark.parametrize("new", [False, True], ids=["engine-today", "engine-new"])
-def test_snapshot_has_every_counter(new):
-    st = server_snapshot(*engine_dicts(new, delivered=5, path0_tx_packets=7))
+def test_snapshot_has_every_counter():
+    st = server_snapshot(*engine_dicts(delivered=5, path0_tx_packets=7))
     assert set(TUNNEL_COUNTERS) <= st["tunnel"].keys()
     assert st["tunnel"]["delivered"] == 5 and st["tunnel"]["truncated"] == 0
     (path,) = st["paths"]  # the forgotten one is no path of the server's
@@ -68,7 +63,7 @@ def test_snapshot_has_every_counter(new):
 
 
 def test_send_drops_per_path_and_rare_drops_in_the_table():
-    stats, paths = engine_dicts(True, path0_send_dropped=5, path1_send_dropped=2, truncated=3)
+    stats, paths = engine_dicts(path0_send_dropped=5, path1_send_dropped=2, truncated=3)
     st = server_snapshot(stats, paths)
     assert st["paths"][0]["send_dropped"] == 5
     assert st["tunnel"]["send_dropped"] == 7  # every path's, the forgotten one's too
@@ -84,7 +79,7 @@ def test_send_drops_per_path_and_rare_drops_in_the_table():
 
 
 def test_metrics_export_every_counter():
-    st = server_snapshot(*engine_dicts(True, path0_gso_fallbacks=2, truncated=1))
+    st = server_snapshot(*engine_dicts(path0_gso_fallbacks=2, truncated=1))
     families = {f.name: f for f in metrics._Collector(lambda: st).collect()}
     assert {f"multitun_path_{k}" for k in PATH_COUNTERS} <= families.keys()
     assert {f"multitun_{k}" for k in TUNNEL_COUNTERS} <= families.keys()
