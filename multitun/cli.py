@@ -44,6 +44,10 @@ examples:
     multitun -l 10.42.42.1 -s 0.0.0.0 --key-file /etc/multitun.key
   client with two paths (local address:server address):
     multitun -l 10.42.42.2 -c 192.168.123.2:192.168.123.1,10.0.0.2:10.0.0.1 -p 5678
+  client with two modems and Wi-Fi, by interface (addresses may change):
+    multitun -l 10.42.42.2 -c wwan0:203.0.113.1,wwan1:203.0.113.1,wlan0:203.0.113.1
+  client with a path on every LTE modem plugged in, now or later:
+    multitun -l 10.42.42.2 -c 'wwan*:203.0.113.1'
   IPv6 inside the tunnel too, and an IPv6 path:
     multitun -l 10.42.42.2 -l fd42::2/64 -c [2001:db8::2]:[2001:db8::1]
 """
@@ -127,8 +131,13 @@ def build_parser() -> argparse.ArgumentParser:
                       help="be the server, listening on this address (0.0.0.0 or :: for all)")
     role.add_argument("-c", "--client_endpoints", type=_checked(parse_paths),
                       metavar="LOCAL:SERVER[,...]",
-                      help="be the client; one path per comma-separated pair of local "
-                           "address and server address (IPv6 in brackets: [2001:db8::2]:[2001:db8::1])")
+                      help="be the client; one path per comma-separated pair of a local side "
+                           "and the server's address (IPv6 in brackets: "
+                           "[2001:db8::2]:[2001:db8::1]). The local side is an address, an "
+                           "interface name (wwan0: the path uses whatever address it has, and "
+                           "follows it as it changes or as the interface comes and goes), or a "
+                           "pattern ('wwan*': one path per matching interface that is up with "
+                           "an address, now or later)")
     p.add_argument("-p", "--server_port", type=_checked(parse_port), default=DEFAULT_PORT,
                    metavar="PORT", help=f"server UDP port (default {DEFAULT_PORT})")
     p.add_argument("-t", "--timeout", type=_checked(_seconds), default=DEFAULT_TIMEOUT,

@@ -34,15 +34,29 @@ MIN_MTU = {4: 576, 6: 1280}  # RFC 791 / RFC 8200 minimum link MTUs
 MAX_MTU = wire.MAX_DATAGRAM - wire.HEADER_LEN
 
 
+# What the kernel takes as an interface name (net/core/dev.c, dev_valid_name()):
+# 1 to IFNAMSIZ - 1 bytes, no '/', ':' or white space, not '.' or '..'.
+IFNAMSIZ = 16
+PATTERN_CHARS = "*?["
+
+
 @dataclass(frozen=True)
 class PathSpec:
-    """One client path: a local address to send from and the server's address."""
+    """One client path: where to send from, and the server's address. The
+    local side is an address (as the original's ``-c``), an interface name
+    (the path uses whatever address it has), or a pattern (fnmatch(3)): one
+    path per matching interface, as they come and go."""
 
-    local: IPAddress
+    local: IPAddress | None
     remote: IPAddress
+    interface: str | None = None
+
+    @property
+    def is_pattern(self) -> bool:
+        return self.interface is not None and any(c in self.interface for c in PATTERN_CHARS)
 
     def __str__(self) -> str:
-        return f"{self.local} -> {self.remote}"
+        return f"{self.interface if self.local is None else self.local} -> {self.remote}"
 
 
 @dataclass(frozen=True)
@@ -182,19 +196,36 @@ def parse_hostport(text: str) -> tuple[str, int]:
 
 
 def parse_paths(text: str) -> tuple[PathSpec, ...]:
-    """``local:server,local:server`` with IPv6 addresses in brackets:
-    ``192.0.2.2:192.0.2.1,[2001:db8::2]:[2001:db8::1]``."""
+    """``local:server,local:server``. The local side is an address (IPv6 in
+    brackets: ``[2001:db8::2]:[2001:db8::1]``), an interface name
+    (``wwan0:203.0.113.1``) or a pattern of names (``'wwan*:203.0.113.1'``)."""
     paths = []
     for item in text.split(","):
         local, remote = _split_pair(item.strip())
-        spec = PathSpec(parse_address(local, f"path {item!r}"),
-                        parse_address(remote, f"path {item!r}"))
-        if spec.local.version != spec.remote.version:
+        try:
+            address, interface = parse_address(local, ""), None
+        except ConfigError:
+            address, interface = None, parse_interface(local, f"path {item!r}")
+        spec = PathSpec(address, parse_address(remote, f"path {item!r}"), interface)
+        if spec.local is not None and spec.local.version != spec.remote.version:
             raise ConfigError(f"path {item!r}: local and server address are not both IPv4 or IPv6")
         if spec in paths:
             raise ConfigError(f"path {item!r} is given twice")
         paths.append(spec)
     return tuple(paths)
+
+
+def parse_interface(text: str, what: str) -> str:
+    """An interface name, or an fnmatch(3) pattern of names (``wwan*``)."""
+    if text.startswith("[") or all(c.isdigit() or c == "." for c in text):
+        raise ConfigError(f"{what}: {text!r} is not an IP address")  # meant as one
+    if not 0 < len(text.encode()) < IFNAMSIZ or text in (".", "..") \
+            or any(c == "/" or c.isspace() for c in text):
+        raise ConfigError(f"{what}: {text!r} is neither an IP address nor an interface name "
+                          f"(1 to {IFNAMSIZ - 1} bytes, no '/' or spaces)")
+    if "[" in text and "]" not in text[text.index("["):]:
+        raise ConfigError(f"{what}: pattern {text!r} has a '[' that is never closed")
+    return text
 
 
 def _split_pair(item: str) -> tuple[str, str]:

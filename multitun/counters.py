@@ -41,7 +41,8 @@ PATH_COUNTERS = {
     "rx_packets": "Datagrams received on the path",
     "rx_bytes": "Bytes received on the path",
     "first_arrivals": "Packets delivered whose first copy came by this path",
-    "duplicates": "Later copies received on this path and dropped",
+    "duplicates": "Later copies received on this path and dropped (in clear; sealed, copies "
+                  "are dropped before they prove authentic and count for the tunnel only)",
     "send_errors": "Datagrams the path refused to send",
     "send_dropped": "Datagrams dropped because the path's socket buffer was full",
     "recv_errors": "Errors reported when receiving on the path",

@@ -71,6 +71,11 @@ class PathHealth:
             return self._set(State.DOWN, now_ns)
         return False
 
+    def link_down(self, now_ns: int) -> bool:
+        """The path's link went down or its interface went away: down now,
+        not after --down-after (the kernel said so). True if it was up."""
+        return self._set(State.DOWN, now_ns)
+
     def _set(self, state: State, now_ns: int) -> bool:
         if state is self.state:
             return False

@@ -11,10 +11,8 @@ from __future__ import annotations
 import errno
 import socket
 
-from pyroute2 import IPRoute
-
 from ._fastpath import SYSTEM
-from .config import IPAddress, PathSpec
+from .config import IPAddress
 from .errors import SetupError
 
 # Values Python's socket module lacks, from the headers the data plane was
@@ -53,14 +51,17 @@ def enable_udp_gro(sock: socket.socket) -> bool:
     return True
 
 
-def udp_gso_supported(sock: socket.socket) -> bool:
-    """Whether the kernel knows UDP_SEGMENT (udp(7), Linux 4.18). A path whose
-    device cannot take trains is found out at the first send, per path."""
-    try:
-        sock.getsockopt(socket.SOL_UDP, UDP_SEGMENT)
-    except OSError:
-        return False
-    return True
+def kernel_offloads() -> tuple[bool, bool]:
+    """Whether the kernel knows UDP_SEGMENT (udp(7), Linux 4.18) and UDP_GRO
+    (Linux 5.0). A path whose device cannot take trains is found out at the
+    first send, per path."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        try:
+            probe.getsockopt(socket.SOL_UDP, UDP_SEGMENT)
+            gso = True
+        except OSError:
+            gso = False
+        return gso, enable_udp_gro(probe)
 
 
 def _bind_error(e: OSError, addr: IPAddress, port: int) -> SetupError:
@@ -71,17 +72,7 @@ def _bind_error(e: OSError, addr: IPAddress, port: int) -> SetupError:
     return SetupError(f"cannot bind to {addr} port {port}: {e.strerror}")
 
 
-def interface_of(addr: IPAddress) -> str | None:
-    """The name of the interface that holds ``addr``, if any does."""
-    with IPRoute() as ipr:
-        for msg in ipr.get_addr(family=_family(addr)):
-            if msg.get("IFA_ADDRESS") == str(addr) or msg.get("IFA_LOCAL") == str(addr):
-                links = ipr.get_links(msg["index"])
-                return links[0].get("IFLA_IFNAME") if links else None
-    return None
-
-
-def open_server_socket(listen: IPAddress, port: int) -> socket.socket:
+def open_server_socket(listen: IPAddress, port: int, gro: bool) -> socket.socket:
     sock = socket.socket(_family(listen), socket.SOCK_DGRAM | socket.SOCK_NONBLOCK)
     try:
         if listen.version == 6:
@@ -94,6 +85,8 @@ def open_server_socket(listen: IPAddress, port: int) -> socket.socket:
             if listen.version == 6:
                 sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_RECVPKTINFO, 1)
         _size_buffers(sock)
+        if gro:
+            enable_udp_gro(sock)
         sock.bind((str(listen), port))
     except OSError as e:
         sock.close()
@@ -101,29 +94,31 @@ def open_server_socket(listen: IPAddress, port: int) -> socket.socket:
     return sock
 
 
-def open_client_socket(path: PathSpec) -> socket.socket:
-    """A socket bound to the path's local address and pinned to its interface;
-    the caller connects it (see connect_client_socket)."""
-    sock = socket.socket(_family(path.local), socket.SOCK_DGRAM | socket.SOCK_NONBLOCK)
+def open_client_socket(local: IPAddress, device: str | None, gro: bool) -> socket.socket:
+    """A socket bound to a path's local address and pinned to the interface
+    that holds it; the caller connects it (connect_client_socket). OSError if
+    the address went away in the meantime."""
+    sock = socket.socket(_family(local), socket.SOCK_DGRAM | socket.SOCK_NONBLOCK)
     try:
         _size_buffers(sock)
-        sock.bind((str(path.local), 0))
-        device = interface_of(path.local)
+        sock.bind((str(local), 0))
         if device:
             # Leave by the interface that owns the address even when the main
             # routing table prefers another one (socket(7) SO_BINDTODEVICE).
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, device.encode())
-    except OSError as e:
+        if gro:
+            enable_udp_gro(sock)
+    except OSError:
         sock.close()
-        raise _bind_error(e, path.local, 0) from None
+        raise
     return sock
 
 
-def connect_client_socket(sock: socket.socket, path: PathSpec, port: int) -> OSError | None:
-    """connect() the path's socket to the server; the error if there is no
+def connect_client_socket(sock: socket.socket, remote: IPAddress, port: int) -> OSError | None:
+    """connect() a path's socket to the server; the error if there is no
     route now (the path is then used unconnected and connected later)."""
     try:
-        sock.connect((str(path.remote), port))
+        sock.connect((str(remote), port))
     except OSError as e:
         return e
     return None

@@ -1,8 +1,8 @@
 """What a client and a server do differently, one class each, picked once at
 start (``role_for``).
 
-The client has one connected socket per configured path and the server's
-addresses; it reconnects a path that had no route at start, and it makes the
+The client has one connected socket per path (clientpaths.py: they follow
+its interfaces), reconnects a path that had no route at start, and makes the
 handshakes. The server has one socket on its listening address and learns
 its paths' endpoints from the client's packets (logging each one), forgets
 an endpoint silent for --timeout, and answers handshakes. Everything else
@@ -12,14 +12,14 @@ about a path is the same on both ends (multitun/tunnel.py).
 from __future__ import annotations
 
 import logging
-import socket
 import time
 
 from ._fastpath import Engine
 from .config import Config
 from .keying import ClientKeying, Keying, ServerKeying
 from .logfields import event, hostport
-from .paths import connect_client_socket, open_client_socket, open_server_socket
+from .clientpaths import ClientPaths
+from .paths import open_server_socket
 from .pathstate import PathStates
 
 log = logging.getLogger("multitun")
@@ -32,44 +32,42 @@ class ClientRole:
 
     def __init__(self, config: Config) -> None:
         self.config = config
-        self.socks: list[socket.socket] = []
 
-    def open_sockets(self) -> list[socket.socket]:
-        self.socks = [open_client_socket(path) for path in self.config.paths]
-        return self.socks
+    def open_sockets(self, gro: bool) -> list[int]:
+        """The paths' sockets' fds now, by path (-1: waiting for its interface)."""
+        self.paths = ClientPaths(self.config, gro)
+        return self.paths.open()
 
-    def start(self, engine: Engine) -> None:
-        self.engine = engine
-        for i in range(len(self.config.paths)):
-            self._connect(i)
+    def wake_fds(self) -> tuple[int, ...]:
+        return (self.paths.watch.fileno(),)
+
+    def start(self, engine: Engine, states: PathStates) -> None:
+        self.paths.start(engine, states)
 
     def log_start(self) -> None:
-        for i, path in enumerate(self.config.paths):
-            log.info("path %d: %s port %d", i, path, self.config.port)
+        self.paths.log_start()
 
-    def reports(self, path: dict) -> bool:
-        """Whether `multitun status` lists this engine path: all of a client's."""
-        return True
+    def on_wake(self) -> None:
+        self.paths.follow()
 
-    def local(self, path: int) -> str:
-        return hostport(*self.socks[path].getsockname()[:2])
+    def listed(self, engine_paths: dict[int, dict]) -> list[int]:
+        """The paths `multitun status` lists: every path the client has,
+        waiting ones too; a pattern's path whose interface went is gone."""
+        return sorted(self.paths.paths)
+
+    def describe(self, path: int) -> dict:
+        p = self.paths.paths.get(path)
+        return {"local": self.paths.local(path), **(p.describe() if p else {})}
 
     def on_events(self, stats: dict, paths: list[dict], states: PathStates) -> None:
         """The engine said something changed. The client logs its handshakes
         itself (keying.py) and knows its endpoints: nothing of its own."""
 
     def housekeeping(self, paths: list[dict], states: PathStates) -> None:
-        for i, sock in enumerate(self.socks):
-            if not _is_connected(sock) and self._connect(i, retry=True):
-                log.info("path %d (%s): connected", i, self.config.paths[i])
+        self.paths.reconnect()
 
-    def _connect(self, i: int, retry: bool = False) -> bool:
-        path, port = self.config.paths[i], self.config.port
-        err = connect_client_socket(self.socks[i], path, port)
-        self.engine.set_remote(i, path.remote.packed, port, err is None)
-        if err is not None and not retry:
-            log.warning("path %d (%s): %s; sending unconnected, will retry", i, path, err.strerror)
-        return err is None
+    def close(self) -> None:
+        self.paths.close()
 
 
 class ServerRole:
@@ -83,21 +81,31 @@ class ServerRole:
         self.timeout_ns = int(config.timeout * 1e9)
         self.seen_key_changes = 0
 
-    def open_sockets(self) -> list[socket.socket]:
-        return [open_server_socket(self.config.server_listen, self.config.port)]
+    def open_sockets(self, gro: bool) -> list[int]:
+        self.sock = open_server_socket(self.config.server_listen, self.config.port, gro)
+        return [self.sock.fileno()]
 
-    def start(self, engine: Engine) -> None:
+    def wake_fds(self) -> tuple[int, ...]:
+        return ()
+
+    def start(self, engine: Engine, states: PathStates) -> None:
         self.engine = engine
+
+    def on_wake(self) -> None:
+        """Its socket is on the listening address, whatever the interfaces do."""
+
+    def close(self) -> None:
+        self.sock.close()
 
     def log_start(self) -> None:
         log.info("listening on %s", self.listening)
 
-    def reports(self, path: dict) -> bool:
+    def listed(self, engine_paths: dict[int, dict]) -> list[int]:
         """Only paths with an endpoint now: a forgotten one is not a path."""
-        return path["active"]
+        return sorted(i for i, p in engine_paths.items() if p["active"])
 
-    def local(self, path: int) -> str:
-        return self.listening
+    def describe(self, path: int) -> dict:
+        return {"local": self.listening}
 
     def on_events(self, stats: dict, paths: list[dict], states: PathStates) -> None:
         """Log new keys the client confirmed and endpoints learned or moved."""
@@ -129,10 +137,3 @@ class ServerRole:
 def role_for(config: Config) -> ClientRole | ServerRole:
     return ServerRole(config) if config.is_server else ClientRole(config)
 
-
-def _is_connected(sock: socket.socket) -> bool:
-    try:
-        sock.getpeername()
-    except OSError:
-        return False
-    return True

@@ -56,10 +56,12 @@ def snapshot(role: ClientRole | ServerRole, dev: str, started: float, stats: dic
              paths: list[dict], states: PathStates, keying: Keying | None) -> dict:
     """What `multitun status` and the metrics report, from the engine's
     ``stats()`` and ``paths()``, the paths' states and the keying."""
+    by_index = {p["path"]: p for p in paths}
     counted = [(p, _counters(p, PATH_COUNTERS)) for p in paths]
     tunnel = _counters(stats, TUNNEL_COUNTERS)
-    # Counted per path now; the total stays for readers of earlier output.
-    tunnel["send_dropped"] = sum(c["send_dropped"] for _, c in counted)
+    # Counted per path now; the totals stay for readers of earlier output.
+    for key in ("send_dropped", "gso_fallbacks"):
+        tunnel[key] = sum(c[key] for _, c in counted)
     return {
         "version": __version__, "role": role.name, "dev": dev, "pid": os.getpid(),
         "uptime_s": round(time.monotonic() - started, 3),
@@ -67,15 +69,19 @@ def snapshot(role: ClientRole | ServerRole, dev: str, started: float, stats: dic
         "peer_session": f"{stats['peer_session']:08x}" if stats["peer_session"] else None,
         "tunnel": tunnel,
         "security": keying.snapshot() if keying else {"keyed": False},
-        "paths": [{
-            "name": f"path{p['path']}", "index": p["path"], "local": role.local(p["path"]),
-            "remote": hostport(*p["remote"]) if p["remote"] else None,
-            **states[p["path"]].health.as_dict(),
-            **counters,
-            "last_error": os.strerror(p["last_errno"]) if p["last_errno"] else None,
-            "udp_gso": p["udp_gso"],
-            "udp_gso_max": p["udp_gso_max"],
-        } for p, counters in counted if role.reports(p)],
+        "paths": [_path(i, by_index[i], role, states) for i in role.listed(by_index)],
+    }
+
+
+def _path(i: int, p: dict, role: ClientRole | ServerRole, states: PathStates) -> dict:
+    return {
+        "name": f"path{i}", "index": i, **role.describe(i),
+        "remote": hostport(*p["remote"]) if p["remote"] else None,
+        **states[i].health.as_dict(),
+        **_counters(p, PATH_COUNTERS),
+        "last_error": os.strerror(p["last_errno"]) if p["last_errno"] else None,
+        "udp_gso": p["udp_gso"],
+        "udp_gso_max": p["udp_gso_max"],
     }
 
 
@@ -202,19 +208,25 @@ def _duration(seconds: float) -> str:
     return f"{s // 3600}h{s % 3600 // 60:02d}m{s % 60:02d}s" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
 
 
+def _state(path: dict) -> str:
+    # A client path with no interface or address to use now is waiting for it.
+    return "wait" if path.get("link") == "waiting" else path["state"]
+
+
 def render(st: dict) -> str:
     t = st["tunnel"]
     lines = [
         f"multitun {st['role']} on {st['dev']} (pid {st['pid']}), up {_duration(st['uptime_s'])}, "
         f"session {st['session']}, peer {st['peer_session'] or 'not seen yet'}",
         "",
-        f"{'path':6} {'state':5} {'local':>22} {'remote':>22} {'rtt ms':>8} {'min':>7} "
+        f"{'path':6} {'state':5} {'iface':8} {'local':>22} {'remote':>22} {'rtt ms':>8} {'min':>7} "
         f"{'jitter':>7} {'loss%':>6} {'tx pkts':>10} {'rx pkts':>10} {'first':>10} "
         f"{'dups':>10} {'errors':>7} {'dropped':>7}",
     ]
     for p in st["paths"]:
         lines.append(
-            f"{p['name']:6} {p['state']:5} {p['local'] or '-':>22} {p['remote'] or '-':>22} "
+            f"{p['name']:6} {_state(p):5} {p.get('interface') or '-':8} "
+            f"{p['local'] or '-':>22} {p['remote'] or '-':>22} "
             f"{_num(p['rtt_ms'], '.3f'):>8} {_num(p['rtt_min_ms'], '.3f'):>7} "
             f"{_num(p['jitter_ms'], '.3f'):>7} {_num(p['loss_pct'], '.1f'):>6} "
             f"{p['tx_packets']:>10} {p['rx_packets']:>10} {p['first_arrivals']:>10} "

@@ -32,7 +32,7 @@ from .device import TunDevice
 from .keying import Keying
 from .logfields import event, hostport
 from .metrics import MetricsServer
-from .paths import enable_udp_gro, udp_gso_supported
+from .paths import kernel_offloads
 from .pathstate import PathStates
 from .roles import role_for
 from .status import StatusServer, snapshot
@@ -80,18 +80,16 @@ class Tunnel:
             device.configure(cfg.tun_addresses, cfg.effective_mtu)
             self.status = StatusServer(device.name)
             stack.callback(self.status.close)
-            socks = role.open_sockets()
-            for s in socks:
-                stack.callback(s.close)
-            gso = cfg.offload and all(udp_gso_supported(s) for s in socks)
-            gro = cfg.offload and all([enable_udp_gro(s) for s in socks])
+            gso, gro = kernel_offloads() if cfg.offload else (False, False)
+            socks = role.open_sockets(gro)
+            stack.callback(role.close)
             self.engine = Engine(
-                device.fd, [s.fileno() for s in socks], role.server, new_session(), (wake_fd,),
+                device.fd, socks, role.server, new_session(), (wake_fd, *role.wake_fds()),
                 gso=gso, busy_poll_us=cfg.effective_busy_poll_us, keyed=cfg.key is not None,
                 vnet_hdr=device.vnet_hdr)
             if cfg.key is not None:
                 self.keying = role.keying(self.engine, cfg.key)
-            role.start(self.engine)
+            role.start(self.engine, self.states)
             self._gso, self._wake_fd = gso, wake_fd
             self._publish()
             self.status.start()
@@ -242,6 +240,8 @@ class Tunnel:
                 self._on_control(*control)
             if flags & WAKE["fd"]:
                 _drain(self._wake_fd)
+                self.role.on_wake()  # the kernel's interfaces changed, say
+                publish = True
             now = time.monotonic()
             if now >= next_probe:
                 if self.keying:

@@ -33,7 +33,7 @@ cdef class ControlQueue:
                    msghdr *m) noexcept nogil:
         cdef ControlPacket *c
         cdef ReturnAddress *ra
-        if self.n == CTRL_SLOTS or n > sizeof(c.data):
+        if self.n == CTRL_SLOTS:
             self.ctr.control_dropped += 1
             return
         c = &self.queue[self.n]

@@ -62,7 +62,8 @@ cdef class Engine:
         for fd in wake_fds:
             self._watch(fd, TAG_WAKE)
         for i in range(self.pathset.nsocks):
-            self._watch(self.pathset.socks[i], i)
+            if self.pathset.socks[i] >= 0:
+                self._watch(self.pathset.socks[i], i)
 
     cdef _watch(self, int fd, uint32_t tag):
         cdef epoll_event ev
@@ -70,6 +71,13 @@ cdef class Engine:
         ev.data.u64 = 0
         ev.data.u32 = tag
         if epoll_ctl(self.epfd, EPOLL_CTL_ADD, fd, &ev) < 0:
+            raise OSError(errno, os.strerror(errno))
+
+    cdef _unwatch(self, int path):
+        # epoll_ctl(2): a closed fd leaves its epoll set by itself, but the
+        # caller closes the old socket only after this.
+        cdef int fd = self.pathset.socks[path] if 0 <= path < MAX_PATHS else -1
+        if fd >= 0 and epoll_ctl(self.epfd, EPOLL_CTL_DEL, fd, NULL) < 0:
             raise OSError(errno, os.strerror(errno))
 
     def __dealloc__(self):
@@ -97,8 +105,10 @@ cdef class Engine:
             if n < 0:
                 # epoll_wait(2): EINTR when a signal handler interrupted the
                 # wait; Python must run its handler now.
+                if errno == EINTR:
+                    return WAKE_SIGNAL
                 self.failed = TAG_WAKE
-                return WAKE_SIGNAL if errno == EINTR else -errno
+                return -errno
             t = now_ns()
             if n == 0:
                 if t >= deadline:
@@ -243,6 +253,23 @@ cdef class Engine:
         destination and filters the source; when not (no route yet at start),
         the engine does both."""
         self.pathset.set_remote(path, address, port, connected)
+
+    def attach(self, int path, int fd):
+        """Client: path ``path`` sends and receives on socket ``fd`` from now
+        on (its interface's address changed, or it came back): as a new
+        path, with what it counted kept. Close the socket before only after
+        this; call set_remote() next."""
+        if not 0 <= path < MAX_PATHS or fd < 0:
+            raise ValueError(f"no client path {path}, or no socket")
+        self._unwatch(path)
+        self.pathset.attach(path, fd)
+        self._watch(fd, path)
+
+    def detach(self, int path):
+        """Client: path ``path`` has no socket now (its link is down or its
+        interface gone): nothing is sent on it until attach()."""
+        self._unwatch(path)
+        self.pathset.attach(path, -1)
 
     def forget(self, int path):
         """Stop sending to a server-side endpoint (it was silent too long)."""

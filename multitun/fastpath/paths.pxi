@@ -74,8 +74,11 @@ cdef inline int send_datagram(int fd, const sockaddr_storage *to, socklen_t tole
 @cython.final
 cdef class Paths:
     cdef bint server
+    # socks[i] < 0: client path i has no socket now (its interface is gone).
     cdef int nsocks
     cdef int socks[MAX_PATHS]
+    # Whether a path starts out sending UDP GSO trains.
+    cdef bint gso
     cdef Endpoint eps[MAX_PATHS]
     cdef TunnelCounters *ctr
     # An endpoint was learned or a path refused a UDP GSO train since the
@@ -92,9 +95,11 @@ cdef class Paths:
 
     def __cinit__(self, socks, bint server, bint gso):
         cdef int i
-        if not 0 < len(socks) <= MAX_PATHS or (server and len(socks) != 1):
-            raise ValueError(f"a client takes 1..{MAX_PATHS} path sockets, a server one")
+        if len(socks) > MAX_PATHS or (server and len(socks) != 1):
+            raise ValueError(f"a client takes up to {MAX_PATHS} path sockets (-1: none "
+                             f"yet), a server one")
         self.server = server
+        self.gso = gso
         self.nsocks = len(socks)
         self.rxbuf = <uint8_t *>malloc(BATCH * SLOT)
         if self.rxbuf == NULL:
@@ -102,13 +107,9 @@ cdef class Paths:
         for i in range(MAX_PATHS):
             memset(&self.eps[i], 0, sizeof(Endpoint))
             self.eps[i].fd = -1
-            self.eps[i].gso = gso
-            self.eps[i].gso_max_seg = SLOT
-        for i in range(self.nsocks):
-            self.socks[i] = socks[i]
+            self.socks[i] = socks[i] if i < self.nsocks else -1
             if not server:
-                self.eps[i].fd = socks[i]
-                self.eps[i].connected = True  # until set_remote() says otherwise
+                self._reset(i)
         for i in range(BATCH):
             self.rxiov[i].iov_base = self.rxbuf + i * SLOT
             self.rxiov[i].iov_len = SLOT
@@ -119,6 +120,24 @@ cdef class Paths:
 
     def __dealloc__(self):
         free(self.rxbuf)
+
+    cdef void _reset(self, int path) noexcept nogil:
+        """Client: path ``path`` sends on its socket now (or nothing, if it
+        has none), as a new path would; what it counted stays."""
+        cdef Endpoint *ep = &self.eps[path]
+        ep.fd = self.socks[path]
+        ep.connected = True  # until set_remote() says otherwise
+        ep.gso = self.gso
+        ep.gso_max_seg = SLOT
+        ep.cmsglen = 0
+
+    cdef void attach(self, int path, int fd) noexcept:
+        """Client: ``fd`` is path ``path``'s socket from now on (-1: none);
+        the engine watches it."""
+        self.socks[path] = fd
+        if path >= self.nsocks:
+            self.nsocks = path + 1
+        self._reset(path)
 
     # ------------------------------------------------------------- sending
 
@@ -152,11 +171,11 @@ cdef class Paths:
                 continue
             first = self.txfirst[sent]
             iovlen = self.txmsg[sent].msg_hdr.msg_iovlen
-            ep.last_errno = e
             if e == EAGAIN:
                 # Socket buffer full: drop rather than stall every path.
                 ep.c.send_dropped += <uint64_t>(b.n - first)
                 return
+            ep.last_errno = e
             if iovlen > 1 and (e == EIO or e == EINVAL or e == EMSGSIZE):
                 # A train refused, its datagrams go one by one. EIO: the
                 # device has no checksum offload (udp_send_skb(), before
@@ -340,14 +359,15 @@ cdef class Paths:
         return &self.eps[path]
 
     cdef list as_list(self):
-        """Per-path endpoint and counters, for every path ever used."""
+        """Per-path endpoint and counters: every path a client was given (with
+        or without a socket now), every path a server learned."""
         cdef int i
         cdef Endpoint *ep
         cdef dict d
         out = []
         for i in range(MAX_PATHS):
             ep = &self.eps[i]
-            if ep.fd < 0 and ep.learned == 0:
+            if (i >= self.nsocks) if not self.server else (ep.fd < 0 and ep.learned == 0):
                 continue
             d = ep.c
             d.update(path=i, active=ep.fd >= 0, udp_gso=ep.gso, last_errno=ep.last_errno,

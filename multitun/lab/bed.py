@@ -44,6 +44,13 @@ class BedPath:
     server_ip6: str
 
 
+def path_of(index: int) -> BedPath:
+    """Path ``index``'s interface names and addresses (PATH_NETS)."""
+    net = PATH_NETS[index]
+    return BedPath(index, f"c{index}", f"s{index}", f"{net}.2", f"{net}.1",
+                   f"2001:db8:{index}::2", f"2001:db8:{index}::1")
+
+
 class Bed:
     """``with Bed(2) as bed:`` two namespaces, ``bed.client`` and ``bed.server``,
     joined by two paths (``bed.paths``).
@@ -64,11 +71,7 @@ class Bed:
         tag = f"{os.getpid() % 100000}x{next(_serial)}"
         self.client, self.server = f"mtc{tag}", f"mts{tag}"
         self.mid = f"mtm{tag}" if any(self.emulate) else None
-        self.paths = [
-            BedPath(i, f"c{i}", f"s{i}", f"{net}.2", f"{net}.1",
-                    f"2001:db8:{i}::2", f"2001:db8:{i}::1")
-            for i, net in enumerate(PATH_NETS[:npaths])
-        ]
+        self.paths = [path_of(i) for i in range(npaths)]
         self.seed = seed
         self.emulator: subprocess.Popen | None = None
         self.emulator_start_ns = 0
@@ -118,13 +121,8 @@ class Bed:
                 _wire_sized_frames(ns, ifname)
             links.append({"a": a, "b": b, "ab": emulation[0].to_json(),
                           "ba": emulation[1].to_json()})
-        for ns, side in ((self.client, "client"), (self.server, "server")):
-            with IPRoute(netns=ns) as ipr:
-                for p in self.paths:
-                    index = ipr.link_lookup(ifname=getattr(p, f"{side}_if"))[0]
-                    ipr.addr("add", index=index, address=getattr(p, f"{side}_ip"), prefixlen=24)
-                    ipr.addr("add", index=index, address=getattr(p, f"{side}_ip6"),
-                             prefixlen=64, flags=0x02)  # IFA_F_NODAD: usable at once
+        for p in self.paths:
+            self._address(p)
         if links:
             config = json.dumps({"seed": self.seed, "links": links})
             self.emulator = self.popen(self.mid, [sys.executable, "-m", "multitun.lab.emulator",
@@ -134,6 +132,29 @@ class Bed:
             if not ready.get("ready"):
                 raise RuntimeError("the path emulator did not start")
             self.emulator_start_ns = ready["start_ns"]
+
+    def _address(self, p: BedPath, client_ip: str | None = None) -> None:
+        for ns, side in ((self.client, "client"), (self.server, "server")):
+            with IPRoute(netns=ns) as ipr:
+                index = ipr.link_lookup(ifname=getattr(p, f"{side}_if"))[0]
+                address = client_ip if side == "client" and client_ip else getattr(p, f"{side}_ip")
+                ipr.addr("add", index=index, address=address, prefixlen=24)
+                ipr.addr("add", index=index, address=getattr(p, f"{side}_ip6"),
+                         prefixlen=64, flags=0x02)  # IFA_F_NODAD: usable at once
+
+    def plug(self, index: int, client_ip: str | None = None) -> BedPath:
+        """A veth path joined while the bed runs (a modem plugged in), with
+        path ``index``'s names and addresses, the client's IPv4 one
+        ``client_ip`` if given."""
+        p = path_of(index)
+        self._wire(self.client, p.client_if, self.server, p.server_if)
+        self._address(p, client_ip)
+        return p
+
+    def unplug(self, index: int) -> None:
+        """Delete path ``index``'s veth pair (a modem pulled out): both ends go."""
+        with IPRoute(netns=self.client) as ipr:
+            ipr.link("del", index=ipr.link_lookup(ifname=path_of(index).client_if)[0])
 
     def close(self) -> None:
         """Remove the namespaces (their veths go with them) and whatever ran there."""

@@ -23,18 +23,21 @@ class TunnelPair:
 
     def __init__(self, bed: Bed, logdir: Path, port: int = 5678,
                  server_extra: tuple[str, ...] = (), client_extra: tuple[str, ...] = (),
-                 command: list[str] | None = None, python: str | None = None) -> None:
+                 command: list[str] | None = None, python: str | None = None,
+                 endpoints: str | None = None) -> None:
         """``command``: run this program instead of multitun, with the original
         C++ tool's flags only (-l, -s, -c, -p), to compare tunnels on one bed.
         ``python``: run the multitun installed for this interpreter (another
-        version of it, in a virtual environment) with all its flags."""
+        version of it, in a virtual environment) with all its flags.
+        ``endpoints``: the client's -c (default: every path of the bed, by
+        address)."""
         self.bed, self.logdir, self.port, self.command = bed, Path(logdir), port, command
         self.python = python
         ipv6 = () if command else ("-l", f"{TUN_SERVER6}/64")
         self.server_args = ["-l", TUN_SERVER, *ipv6, "-s", "0.0.0.0", "-p", str(port),
                             *server_extra]
         ipv6 = () if command else ("-l", f"{TUN_CLIENT6}/64")
-        self.client_args = ["-l", TUN_CLIENT, *ipv6, "-c", bed.client_endpoints(),
+        self.client_args = ["-l", TUN_CLIENT, *ipv6, "-c", endpoints or bed.client_endpoints(),
                             "-p", str(port), *client_extra]
         self.server: subprocess.Popen | None = None
         self.client: subprocess.Popen | None = None
