@@ -195,7 +195,27 @@ def test_paths_up_down_up_and_counters(tunnel):
     took, _ = wait_states(bed, bed.client, {"path0": "up", "path1": "up"})
     assert took < 3
     log = tunnel.logs("client")
-    assert "path 0 down: no probe answered" in log and log.count("path 0 up") == 2
+    # The kernel said the link went down: down at once, without waiting for
+    # probes to go unanswered (test_probe_timeout_is_down below waits).
+    assert "path 0 (192.0.2.2): link down" in log and log.count("path 0 up") == 2
+    assert "path 0 down: no probe answered" not in log
+
+
+@netns
+def test_probe_timeout_is_down(tunnel):
+    # A path that fails where the kernel cannot see it (here: a firewall on the
+    # far end drops it) is down once no probe was answered for --down-after.
+    bed = tunnel.bed
+    wait_states(bed, bed.client, {"path0": "up", "path1": "up"})
+    table = ["add table inet mt", "add chain inet mt input { type filter hook input priority 0; }",
+             "add rule inet mt input ip saddr 192.0.2.2 udp dport 5678 drop"]
+    for command in table:
+        subprocess.run(bed.command(bed.server, ["nft", *command.split()]), check=True)
+    took, _ = wait_states(bed, bed.client, {"path0": "down", "path1": "up"})
+    assert 0.4 < took < 3
+    subprocess.run(bed.command(bed.server, ["nft", "delete", "table", "inet", "mt"]), check=True)
+    wait_states(bed, bed.client, {"path0": "up", "path1": "up"})
+    tunnel.wait_log("client", "path 0 down: no probe answered")
 
 
 @netns

@@ -106,10 +106,12 @@ cdef class Paths:
             raise MemoryError()
         for i in range(MAX_PATHS):
             memset(&self.eps[i], 0, sizeof(Endpoint))
-            self.eps[i].fd = -1
             self.socks[i] = socks[i] if i < self.nsocks else -1
-            if not server:
-                self._reset(i)
+            self._reset(i)
+            if server:
+                # No endpoint until learned, and then sent to by address.
+                self.eps[i].fd = -1
+                self.eps[i].connected = False
         for i in range(BATCH):
             self.rxiov[i].iov_base = self.rxbuf + i * SLOT
             self.rxiov[i].iov_len = SLOT
@@ -122,8 +124,8 @@ cdef class Paths:
         free(self.rxbuf)
 
     cdef void _reset(self, int path) noexcept nogil:
-        """Client: path ``path`` sends on its socket now (or nothing, if it
-        has none), as a new path would; what it counted stays."""
+        """Path ``path`` sends on its socket now (or nothing, if it has none),
+        as a new path would; what it counted stays."""
         cdef Endpoint *ep = &self.eps[path]
         ep.fd = self.socks[path]
         ep.connected = True  # until set_remote() says otherwise
