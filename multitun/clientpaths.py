@@ -154,7 +154,7 @@ class ClientPaths:
         old = p.binding
         if new == old and (p.sock is not None) == new.usable:
             return
-        what = _what_changed(old, new)
+        what = _what_changed(old, new, p.spec.local is not None)
         if p.sock and not (new.usable and new.address == old.address and new.index == old.index):
             self._unbind(p)
         p.binding, p.changed_at = new, time.monotonic()
@@ -193,10 +193,11 @@ class ClientPaths:
         return err is None
 
 
-def _what_changed(old: Binding, new: Binding) -> str:
-    """The log's words for a move, as "address 192.0.2.1 -> 192.0.2.7"."""
+def _what_changed(old: Binding, new: Binding, by_address: bool) -> str:
+    """The log's words for a move, as "address 192.0.2.1 -> 192.0.2.7". A
+    path by address knows no interface until one holds the address."""
     said = []
-    if new.index != old.index:
+    if new.index != old.index and not by_address:
         said.append("interface gone" if not new.index else
                     "interface re-created" if old.index else "interface appeared")
     if new.address != old.address:

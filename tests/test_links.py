@@ -135,22 +135,42 @@ def start(bed, tmp_path, endpoints, sealed=False):
 BY_NAME = "c0:192.0.2.1,c1:198.51.100.1"
 
 
+def path0(want):
+    """A status condition on path 0: ``want(path)``."""
+    return lambda st: want(path(st, "path0"))
+
+
+def break_and_mend(pair, breaking, gone, mending, back, gone_within=1.0):
+    """With a 500/s stream through the tunnel: break path 0 until status says
+    ``gone`` (within ``gone_within`` s), mend it; until status says ``back``
+    must take under a second, and the stream must lose nothing."""
+    bed = pair.bed
+    stream = Stream(bed, 4)
+    time.sleep(1)
+    breaking()
+    if gone is not None:
+        took, _ = wait_for(bed, bed.client, path0(gone), 1)
+        assert took < gone_within
+        time.sleep(0.5)
+    mending()
+    took, st = wait_for(bed, bed.client, path0(back), 3)
+    assert took < 1.0
+    assert stream.lost() == 0
+    return st
+
+
 @pytest.mark.netns
 @requires_root
 @pytest.mark.parametrize("sealed", [False, True], ids=["clear", "sealed"])
 def test_address_change(bed, tmp_path, sealed):
     pair = start(bed, tmp_path, BY_NAME, sealed)
     try:
-        stream = Stream(bed, 4)
-        time.sleep(1)
-        set_address(bed, "c0", "192.0.2.2", "192.0.2.7")
-        took, st = wait_for(bed, bed.client, lambda st: path(st, "path0")["state"] == "up"
-                            and path(st, "path0")["address"] == "192.0.2.7", 3)
-        assert took < 1.0
+        st = break_and_mend(pair, lambda: None, None,
+                            lambda: set_address(bed, "c0", "192.0.2.2", "192.0.2.7"),
+                            lambda p: p["state"] == "up" and p["address"] == "192.0.2.7")
         assert path(st, "path0")["local"].startswith("192.0.2.7:")
         wait_for(bed, bed.server, lambda st: (path(st, "path0") or {}).get(
             "remote", "").startswith("192.0.2.7:"), 1)
-        assert stream.lost() == 0
         # One line when the kernel's two events come together, else two.
         logs = pair.wait_log("client", "path 0 (c0): address 192.0.2.2 ")
         assert ("path 0 (c0): address 192.0.2.2 -> 192.0.2.7" in logs
@@ -166,16 +186,9 @@ def test_address_change(bed, tmp_path, sealed):
 def test_interface_deleted_and_recreated(bed, tmp_path, address):
     pair = start(bed, tmp_path, BY_NAME)
     try:
-        stream = Stream(bed, 5)
-        time.sleep(1)
-        bed.unplug(0)
-        wait_for(bed, bed.client, lambda st: path(st, "path0")["link"] == "waiting", 1)
-        time.sleep(0.5)
-        bed.plug(0, client_ip=address)  # a new ifindex, then its address
-        took, _ = wait_for(bed, bed.client, lambda st: path(st, "path0")["state"] == "up"
-                           and path(st, "path0")["address"] == address, 3)
-        assert took < 1.0
-        assert stream.lost() == 0
+        break_and_mend(pair, lambda: bed.unplug(0), lambda p: p["link"] == "waiting",
+                       lambda: bed.plug(0, client_ip=address),  # a new ifindex, its address
+                       lambda p: p["state"] == "up" and p["address"] == address)
         pair.wait_log("client", "path 0 (c0): interface gone")
         pair.wait_log("client", "path 0 (c0): interface appeared")
     finally:
@@ -187,17 +200,11 @@ def test_interface_deleted_and_recreated(bed, tmp_path, address):
 def test_link_down_is_down_at_once_and_up_again(bed, tmp_path):
     pair = start(bed, tmp_path, BY_NAME)
     try:
-        stream = Stream(bed, 4)
-        time.sleep(1)
-        bed.set_link(bed.client, "c0", False)
-        took, st = wait_for(bed, bed.client, lambda st: path(st, "path0")["state"] != "up", 1)
-        assert took < 0.1  # no waiting for probes to go unanswered (--down-after 0.5 s)
-        assert path(st, "path0")["link"] == "down"
-        time.sleep(0.5)
-        bed.set_link(bed.client, "c0", True)
-        took, _ = wait_for(bed, bed.client, lambda st: path(st, "path0")["state"] == "up", 3)
-        assert took < 1.0
-        assert stream.lost() == 0
+        # Down within 0.1 s: no waiting for probes to go unanswered (0.5 s).
+        break_and_mend(pair, lambda: bed.set_link(bed.client, "c0", False),
+                       lambda p: p["state"] == "down" and p["link"] == "down",
+                       lambda: bed.set_link(bed.client, "c0", True),
+                       lambda p: p["state"] == "up", gone_within=0.1)
         pair.wait_log("client", "path 0 (c0): link down")
         pair.wait_log("client", "path 0 (c0): link up")
     finally:
@@ -209,15 +216,11 @@ def test_link_down_is_down_at_once_and_up_again(bed, tmp_path):
 def test_address_pair_whose_address_goes_and_comes_back(bed, tmp_path):
     pair = start(bed, tmp_path, bed.client_endpoints())
     try:
-        stream = Stream(bed, 4)
-        time.sleep(1)
-        set_address(bed, "c0", "192.0.2.2", None)
-        wait_for(bed, bed.client, lambda st: path(st, "path0")["link"] == "waiting", 1)
-        time.sleep(0.5)
-        set_address(bed, "c0", None, "192.0.2.2")
-        took, _ = wait_for(bed, bed.client, lambda st: path(st, "path0")["state"] == "up", 3)
-        assert took < 1.0
-        assert stream.lost() == 0
+        break_and_mend(pair, lambda: set_address(bed, "c0", "192.0.2.2", None),
+                       lambda p: p["link"] == "waiting",
+                       lambda: set_address(bed, "c0", None, "192.0.2.2"),
+                       lambda p: p["state"] == "up")
+        pair.wait_log("client", "path 0 (192.0.2.2): address 192.0.2.2 gone, waiting for it")
     finally:
         pair.stop()
 
