@@ -91,5 +91,7 @@ SYSTEM = {
     "VNET_HDR_LEN": VNET_HDR_LEN,
 }
 
+CIPHERS = {"aes-256-gcm": CIPHER_AES_256_GCM, "chacha20-poly1305": CIPHER_CHACHA20_POLY1305}
+
 WAKE = {"timeout": WAKE_TIMEOUT, "fd": WAKE_FD, "control": WAKE_CONTROL,
         "signal": WAKE_SIGNAL, "event": WAKE_EVENT}

@@ -21,6 +21,7 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
+from . import ciphers
 from ._version import __version__
 from .config import (
     DEFAULT_DEV, DEFAULT_DOWN_AFTER, DEFAULT_PORT, DEFAULT_PROBE_INTERVAL, DEFAULT_TIMEOUT,
@@ -152,6 +153,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="authenticate and encrypt every packet with the key in this file "
                         "(made by `multitun genkey`; both ends need the same one; it must "
                         "not be readable by other users); without it the tunnel is in clear")
+    p.add_argument("--cipher", choices=ciphers.SETTINGS, default="auto",
+                   help="with --key-file, what seals the packets: auto (the default) takes "
+                        "AES-256-GCM when both ends have AES instructions and "
+                        "ChaCha20-Poly1305 otherwise; a cipher named here is insisted on, "
+                        "and a peer insisting on the other gets nothing through")
     p.add_argument("--mtu", type=_checked(_mtu), metavar="BYTES",
                    help="TUN MTU (default: fits a 1500-byte path unfragmented: "
                         "1456 over IPv4 paths, 1436 over IPv6; 16 less with --key-file)")
@@ -264,6 +270,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
         busy_poll_us=args.busy_poll_us,
         metrics=args.metrics,
         key=args.key_file,
+        cipher=args.cipher,
     ).check()
 
 

@@ -76,6 +76,8 @@ class Config:
     metrics: tuple[str, int] | None = None
     # The pre-shared key (--key-file): None runs version 1, in clear.
     key: bytes | None = field(default=None, repr=False)
+    # --cipher: "auto" or a cipher's name (multitun/ciphers.py).
+    cipher: str = "auto"
 
     @property
     def is_server(self) -> bool:
@@ -132,6 +134,9 @@ class Config:
             raise ConfigError("probe interval must be shorter than the timeout")
         if self.down_after is not None and self.down_after <= self.probe_interval:
             raise ConfigError("--down-after must be longer than the probe interval")
+        if self.cipher != "auto" and self.key is None:
+            raise ConfigError(f"--cipher {self.cipher} needs --key-file: without a key "
+                              f"nothing is sealed")
         mtu = self.effective_mtu
         if self.key is not None and mtu + wire.HEADER_LEN + wire.TAG_LEN > wire.MAX_DATAGRAM:
             raise ConfigError(

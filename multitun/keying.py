@@ -29,7 +29,7 @@ import secrets
 import time
 from dataclasses import dataclass, field
 
-from . import wire
+from . import ciphers, wire
 from ._fastpath import Engine
 from .noise import HandshakeError, Initiator, Responder
 from .ratelimit import TokenBucket
@@ -82,8 +82,10 @@ class Keying:
     # sent by a peer of the same role or crafted, is ignored.
     handshake_type: wire.PacketType
 
-    def __init__(self, engine: Engine, psk: bytes) -> None:
-        self.engine, self.psk = engine, psk
+    def __init__(self, engine: Engine, psk: bytes, cipher: str = ciphers.AUTO) -> None:
+        self.engine, self.psk, self.cipher = engine, psk, cipher
+        self.has_aes = ciphers.aes_instructions()
+        self.next_refusal_log = 0.0
         self.handshakes = 0
         self.rejected = Rejections()
 
@@ -113,7 +115,8 @@ class Keying:
 
     def snapshot(self) -> dict:
         cur = self.current()
-        return {"keyed": True, "cipher": "AES-256-GCM",
+        return {"keyed": True, "cipher": ciphers.NAMES[cur["cipher"]] if cur else None,
+                "cipher_setting": self.cipher,
                 "handshake": "Noise_NNpsk0_25519_ChaChaPoly_SHA256",
                 "key_id": f"{cur['id']:08x}" if cur else None,
                 "key_age_s": round(cur["age_s"], 1) if cur else None,
@@ -122,6 +125,13 @@ class Keying:
     def _refuse(self, kind: str, source: tuple | None) -> None:
         setattr(self.rejected, kind, getattr(self.rejected, kind) + 1)
         self.rejected.last_source = source
+
+    def _log_refusal(self, now: float, message: str, *args: object) -> None:
+        """A cipher refused: said once, then every UNANSWERED_LOG_S while
+        it lasts (each retry would say it again)."""
+        if now >= self.next_refusal_log:
+            log.error(message, *args, extra={"event": "cipher_refused"})
+            self.next_refusal_log = now + UNANSWERED_LOG_S
 
 
 @dataclass
@@ -134,8 +144,8 @@ class _Pending:
 class ClientKeying(Keying):
     handshake_type = wire.PacketType.HANDSHAKE_RESPONSE
 
-    def __init__(self, engine: Engine, psk: bytes) -> None:
-        super().__init__(engine, psk)
+    def __init__(self, engine: Engine, psk: bytes, cipher: str = ciphers.AUTO) -> None:
+        super().__init__(engine, psk, cipher)
         self.pending: _Pending | None = None
         self.first_attempt: float | None = None
         self.next_unanswered_log = 0.0
@@ -166,7 +176,8 @@ class ClientKeying(Keying):
         while key_id == 0 or key_id in taken:
             key_id = secrets.randbits(32)
         initiator = Initiator(self.psk, prologue(key_id))
-        body = initiator.write_init(time.time_ns().to_bytes(_TIMESTAMP_LEN, "big"))
+        body = initiator.write_init(time.time_ns().to_bytes(_TIMESTAMP_LEN, "big")
+                                    + ciphers.offer(self.cipher, self.has_aes))
         self.pending = _Pending(initiator, key_id, now)
         if self.first_attempt is None:
             self.first_attempt = now
@@ -184,17 +195,24 @@ class ClientKeying(Keying):
         if pending is None or header.session != pending.key_id:
             return False  # a copy from a slower path, or one we gave up on
         try:
-            pending.initiator.read_response(datagram[wire.HEADER_LEN:])
+            cipher = ciphers.chosen(pending.initiator.read_response(datagram[wire.HEADER_LEN:]))
         except HandshakeError:
             self._refuse("auth_failed", source)
             return False
+        except ciphers.CipherRefused as e:
+            self._log_refusal(now, "the server refuses %s: it is set to --cipher %s; nothing "
+                              "passes until both ends take the same (or auto)",
+                              self.cipher, e.theirs)
+            return False
         send, receive = pending.initiator.keys()
-        self.engine.install_keys(pending.key_id, send, receive, True)
+        self.engine.install_keys(pending.key_id, send, receive, True, cipher)
         self.handshakes += 1
         self.pending = self.first_attempt = None
         log.log(logging.INFO if self.handshakes == 1 else logging.DEBUG,
-                "handshake %08x complete on path %d", pending.key_id, path,
-                extra={"event": "handshake", "key_id": f"{pending.key_id:08x}", "path": path})
+                "handshake %08x complete on path %d: %s", pending.key_id, path,
+                ciphers.NAMES[cipher],
+                extra={"event": "handshake", "key_id": f"{pending.key_id:08x}", "path": path,
+                       "cipher": ciphers.NAMES[cipher]})
         return True
 
 
@@ -210,8 +228,8 @@ class _Answered:
 class ServerKeying(Keying):
     handshake_type = wire.PacketType.HANDSHAKE_INIT
 
-    def __init__(self, engine: Engine, psk: bytes) -> None:
-        super().__init__(engine, psk)
+    def __init__(self, engine: Engine, psk: bytes, cipher: str = ciphers.AUTO) -> None:
+        super().__init__(engine, psk, cipher)
         self.newest_timestamp = 0
         self.latest: _Answered | None = None
         self.bucket = TokenBucket(HANDSHAKES_PER_S, HANDSHAKE_BURST)
@@ -241,10 +259,12 @@ class ServerKeying(Keying):
             return
         responder = Responder(self.psk, prologue(key_id))
         try:
-            timestamp = int.from_bytes(responder.read_init(body), "big")
+            payload = responder.read_init(body)
         except HandshakeError:
             self._refuse("auth_failed", source)
             return
+        timestamp = int.from_bytes(payload[:_TIMESTAMP_LEN], "big")
+        offer = payload[_TIMESTAMP_LEN:]
         if timestamp <= self.newest_timestamp:
             # Recorded and replayed, or the client's clock went back.
             self._refuse("replayed", source)
@@ -253,11 +273,21 @@ class ServerKeying(Keying):
         if ids.get(key_id, "next") != "next":
             self._refuse("replayed", source)  # the id of keys in use: never reinstalled
             return
-        response = responder.write_response(b"")
+        answer = ciphers.choose(offer, self.cipher, self.has_aes)
+        response = responder.write_response(answer)
+        try:
+            cipher = ciphers.chosen(answer)
+        except ciphers.CipherRefused:
+            # Said to the client (its log names ours), and nothing installed.
+            self._log_refusal(now, "handshake refused: the client insists on %s, this end "
+                              "on --cipher %s", ciphers.offered(offer), self.cipher)
+            self.engine.send_back(reply_to, _message(
+                wire.PacketType.HANDSHAKE_RESPONSE, path, key_id, response))
+            return
         send, receive = responder.keys()
         self.newest_timestamp = timestamp
         self.engine.drop_keys(key_id)
-        self.engine.install_keys(key_id, send, receive, False)
+        self.engine.install_keys(key_id, send, receive, False, cipher)
         self.latest = _Answered(body, key_id, response, now, {path})
         self.handshakes += 1
         self.engine.send_back(reply_to, _message(

@@ -245,7 +245,8 @@ def render(st: dict) -> str:
     sec = st["security"]
     if sec["keyed"]:
         lines.append(
-            f"sealed: {sec['cipher']}, keys {sec['key_id'] or 'none yet'}"
+            f"sealed: {sec['cipher'] or 'no cipher agreed yet'} (--cipher "
+            f"{sec['cipher_setting']}), keys {sec['key_id'] or 'none yet'}"
             + (f" ({sec['key_age_s']:.0f}s old)" if sec["key_age_s"] is not None else "")
             + f", {sec['handshakes']} handshakes; refused: {t['auth_failed']} packets failing "
             f"authentication, {sec['handshake_auth_failed']} handshakes failing it, "

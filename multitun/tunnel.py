@@ -88,7 +88,7 @@ class Tunnel:
                 gso=gso, busy_poll_us=cfg.effective_busy_poll_us, keyed=cfg.key is not None,
                 vnet_hdr=device.vnet_hdr)
             if cfg.key is not None:
-                self.keying = role.keying(self.engine, cfg.key)
+                self.keying = role.keying(self.engine, cfg.key, cfg.cipher)
             role.start(self.engine, self.states)
             self._gso, self._wake_fd = gso, wake_fd
             self._publish()
@@ -134,8 +134,10 @@ class Tunnel:
         if cfg.metrics:
             log.info("metrics on http://%s/metrics", hostport(*cfg.metrics))
         if self.keying:
-            log.info("sealed: AES-256-GCM under keys from a Noise_NNpsk0 handshake "
-                     "with the key file's key")
+            log.info("sealed under keys from a Noise_NNpsk0 handshake with the key file's "
+                     "key; --cipher %s%s", self.keying.cipher,
+                     f" (AES instructions here: {'yes' if self.keying.has_aes else 'no'})"
+                     if self.keying.cipher == "auto" else "")
         else:
             log.warning("no --key-file: the tunnel is neither authenticated nor encrypted; "
                         "anyone on a path can read it, and anyone who can reach the server "

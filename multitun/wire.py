@@ -8,7 +8,7 @@ Every datagram on a path starts with this 16-byte header, all fields big-endian:
     +-------+-------+-------+-------+---------------+----------------------+
 
 Version 1 is in clear (no key). Version 2 (--key-file) seals every payload with
-AES-256-GCM and adds handshake messages; the header stays in clear, as the
+AES-256-GCM or ChaCha20-Poly1305 and adds handshake messages; the header stays in clear, as the
 associated data.
 
 This module is the control plane's codec and the reference the compiled data plane
@@ -37,9 +37,10 @@ MAX_PATHS = 16
 PROBE_MIN_PAYLOAD = 16
 PROBE_MAX_PAYLOAD = 64
 # Version 2 handshake messages (multitun/noise.py): an ephemeral public key and
-# a sealed timestamp; an ephemeral public key and an empty sealed payload.
-HANDSHAKE_INIT_LEN = HEADER_LEN + 32 + 8 + TAG_LEN
-HANDSHAKE_RESPONSE_LEN = HEADER_LEN + 32 + TAG_LEN
+# a sealed timestamp and cipher offer; an ephemeral public key and the sealed
+# cipher choice (multitun/ciphers.py).
+HANDSHAKE_INIT_LEN = HEADER_LEN + 32 + 9 + TAG_LEN
+HANDSHAKE_RESPONSE_LEN = HEADER_LEN + 32 + 1 + TAG_LEN
 
 _HEADER = struct.Struct("!BBBBIQ")
 _PROBE_PAYLOAD = struct.Struct("!QQ")

@@ -129,6 +129,8 @@ BAD = [
     ("-l 10.42.42.1 -s 0.0.0.0 --probe-interval 30", "shorter than the timeout"),
     ("-l 10.42.42.1 -s 0.0.0.0 --frobnicate", "unrecognized arguments: --frobnicate"),
     ("-l 10.42.42.1 -s 0.0.0.0 --busy-poll 200000", "200000 is out of range 0-100000"),
+    ("-l 10.42.42.1 -s 0.0.0.0 --cipher chacha20-poly1305", "--cipher chacha20-poly1305 needs --key-file"),
+    ("-l 10.42.42.1 -s 0.0.0.0 --cipher rot13", "invalid choice: 'rot13'"),
     ("-l 10.42.42.2 -c " + ",".join(f"192.0.2.{i}:192.0.2.1" for i in range(2, 19)), "at most 16 paths"),
 ]
 

@@ -3,7 +3,7 @@
 import pytest
 from hypothesis import given, strategies as st
 
-from multitun import _fastpath, _testing, wire
+from multitun import _fastpath, _testing, ciphers, wire
 
 IPV4 = bytes([0x45]) + bytes(19)
 IPV6 = bytes([0x60]) + bytes(39)
@@ -44,6 +44,10 @@ def test_constants_agree():
     }
 
 
+def test_cipher_numbers_agree():
+    assert _fastpath.CIPHERS == ciphers.CIPHERS
+
+
 def test_layout():
     h = wire.pack_header(wire.PacketType.PROBE, 3, 0xDEADBEEF, 0x0102030405060708)
     assert h == bytes.fromhex("01020300deadbeef0102030405060708")
@@ -79,10 +83,10 @@ CASES = [
     (24, SEALED(wire.PacketType.PROBE) + bytes(15 + 16), False),
     (25, SEALED(wire.PacketType.PROBE_REPLY) + bytes(64 + 16), True),
     (26, SEALED(wire.PacketType.PROBE_REPLY) + bytes(65 + 16), False),
-    (27, SEALED(wire.PacketType.HANDSHAKE_INIT) + bytes(56), True),
-    (28, SEALED(wire.PacketType.HANDSHAKE_INIT) + bytes(57), False),  # exact sizes only
-    (29, SEALED(wire.PacketType.HANDSHAKE_RESPONSE) + bytes(48), True),
-    (30, SEALED(wire.PacketType.HANDSHAKE_RESPONSE) + bytes(56), False),
+    (27, SEALED(wire.PacketType.HANDSHAKE_INIT) + bytes(57), True),
+    (28, SEALED(wire.PacketType.HANDSHAKE_INIT) + bytes(58), False),  # exact sizes only
+    (29, SEALED(wire.PacketType.HANDSHAKE_RESPONSE) + bytes(49), True),
+    (30, SEALED(wire.PacketType.HANDSHAKE_RESPONSE) + bytes(57), False),
     (31, SEALED(6) + bytes(48), False),                                # unknown type
 ]
 

@@ -1,5 +1,7 @@
 """--config FILE: TOML equivalent to every option, options overriding it."""
 
+import shlex
+
 import pytest
 
 from multitun.cli import build_parser, main, merge_config_file
@@ -22,8 +24,11 @@ ROUND_TRIPS = [
      "--no-offload -vv --busy-poll 2000", 'tun_listen_addr = "10.42.42.1"\n'
      'server_listen_addr = "0.0.0.0"\nmetrics = "[::1]:9100"\nlog_format = "json"\n'
      'low_latency = true\noffload = false\nverbose = 2\nbusy_poll_us = 2000'),
-    ("-l 10.42.42.1 -s 0.0.0.0 --key-file {key}",
-     'tun_listen_addr = "10.42.42.1"\nserver_listen_addr = "0.0.0.0"\nkey_file = "{key}"'),
+    ("-l 10.42.42.1 -s 0.0.0.0 --key-file {key} --cipher chacha20-poly1305",
+     'tun_listen_addr = "10.42.42.1"\nserver_listen_addr = "0.0.0.0"\nkey_file = "{key}"\n'
+     'cipher = "chacha20-poly1305"'),
+    ("-l 10.42.42.2 -c wwan0:203.0.113.1,'wwan*:203.0.113.1'",
+     'tun_listen_addr = "10.42.42.2"\nclient_endpoints = ["wwan0:203.0.113.1", "wwan*:203.0.113.1"]'),
 ]
 
 
@@ -47,7 +52,7 @@ def from_file(tmp_path, toml, extra=()):
 
 @pytest.mark.parametrize("cmdline,toml", ROUND_TRIPS)
 def test_every_option_round_trips(tmp_path, key, cmdline, toml):
-    cli = {k: v for k, v in vars(build_parser().parse_args(cmdline.format(key=key).split())).items()
+    cli = {k: v for k, v in vars(build_parser().parse_args(shlex.split(cmdline.format(key=key)))).items()
            if k != "config"}
     assert from_file(tmp_path, toml.format(key=key)) == cli
 

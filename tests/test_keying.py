@@ -18,10 +18,13 @@ class Ends:
     """A client keying engine 0 and a server keying engine 1. ``now`` is the
     keying's clock (the engine keeps its own monotonic one)."""
 
-    def __init__(self, server_psk: bytes = PSK) -> None:
+    def __init__(self, server_psk: bytes = PSK, client_cipher: str = "auto",
+                 server_cipher: str = "auto", aes: tuple[bool, bool] = (True, True)) -> None:
+        """``aes``: whether the client and the server have AES instructions."""
         self.pair = EnginePair(keyed=True, ready=False)
-        self.client = ClientKeying(self.pair.engines[0], PSK)
-        self.server = ServerKeying(self.pair.engines[1], server_psk)
+        self.client = ClientKeying(self.pair.engines[0], PSK, client_cipher)
+        self.server = ServerKeying(self.pair.engines[1], server_psk, server_cipher)
+        self.client.has_aes, self.server.has_aes = aes
         self.now = 1000.0
         self.sent: list[tuple[int, bytes]] = []  # what the server sent back
 
@@ -78,8 +81,8 @@ def test_response_is_shorter_than_the_request(ends):
     (path, _, datagram, source, reply_to), = ends.pair.engines[1].take_control()
     ends.server.on_control(path, datagram, source, reply_to, ends.now)
     response = ends.pair.udp[0].recv(200)
-    assert len(init) == wire.HANDSHAKE_INIT_LEN == 72
-    assert len(response) == wire.HANDSHAKE_RESPONSE_LEN == 64 < len(init)
+    assert len(init) == wire.HANDSHAKE_INIT_LEN == 73
+    assert len(response) == wire.HANDSHAKE_RESPONSE_LEN == 65 < len(init)
 
 
 def test_each_end_takes_only_the_handshake_message_meant_for_it(ends):
@@ -215,3 +218,43 @@ def test_old_keys_expire(ends, monkeypatch):
     ends.pair.send(1, [ipv4(1)])
     ends.pair.engines[1].run(0)
     assert ends.pair.engines[1].stats()["no_key"] == 1
+
+
+@pytest.mark.parametrize("client,server,aes,chosen", [
+    ("auto", "auto", (True, True), "aes-256-gcm"),
+    ("auto", "auto", (False, True), "chacha20-poly1305"),
+    ("auto", "auto", (True, False), "chacha20-poly1305"),
+    ("chacha20-poly1305", "auto", (True, True), "chacha20-poly1305"),
+    ("auto", "aes-256-gcm", (False, False), "aes-256-gcm"),
+    ("aes-256-gcm", "aes-256-gcm", (False, True), "aes-256-gcm"),
+])
+def test_the_cipher_is_agreed_in_the_handshake(client, server, aes, chosen):
+    ends = Ends(client_cipher=client, server_cipher=server, aes=aes)
+    try:
+        ends.connect()
+        a, b = ends.pair.engines
+        ends.pair.send(0, [ipv4(1)])
+        ends.pair.pump()
+        assert ends.pair.received(1) == [ipv4(1)]
+        for keyed in (ends.client, ends.server):
+            assert keyed.snapshot()["cipher"] == chosen
+    finally:
+        ends.close()
+
+
+def test_ciphers_insisted_on_that_differ_install_nothing(caplog):
+    ends = Ends(client_cipher="chacha20-poly1305", server_cipher="aes-256-gcm")
+    try:
+        for _ in range(3):  # retries: refused each time, said once
+            ends.client.tick(ends.now)
+            assert ends.step() == 0
+            ends.now += keying.RETRY_S
+        assert ends.pair.engines[0].keys() == ends.pair.engines[1].keys() == []
+        said = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+        assert said == [
+            "handshake refused: the client insists on chacha20-poly1305, this end on "
+            "--cipher aes-256-gcm",
+            "the server refuses chacha20-poly1305: it is set to --cipher aes-256-gcm; nothing "
+            "passes until both ends take the same (or auto)"]
+    finally:
+        ends.close()

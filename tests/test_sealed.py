@@ -8,18 +8,22 @@ import socket
 import time
 
 import pytest
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from multitun import _testing, wire
 from multitun._fastpath import Engine
+from multitun.ciphers import CIPHERS
 
 from multitun.lab.engine_pair import KEY_ID, EnginePair, ipv4, session_keys
 
 
-@pytest.fixture
-def pair():
-    p = EnginePair(keyed=True)
+AEADS = {CIPHERS["aes-256-gcm"]: AESGCM, CIPHERS["chacha20-poly1305"]: ChaCha20Poly1305}
+
+
+@pytest.fixture(params=list(AEADS), ids=list(CIPHERS))
+def pair(request):
+    p = EnginePair(keyed=True, cipher=request.param)
     yield p
     p.close()
 
@@ -46,8 +50,8 @@ def inject(pair: EnginePair, datagrams: list[bytes]) -> list[bytes]:
 
 
 def test_nonce_and_tag_match_an_independent_implementation(pair):
-    # The sealed datagram is the header, then AES-256-GCM of the packet
-    # under the initiator's send key, nonce = 4 zero bytes + seq big-endian,
+    # The sealed datagram is the header, then the AEAD of the packet under
+    # the initiator's send key, nonce = 4 zero bytes + seq big-endian,
     # associated data = the header with DATA's path byte as 0.
     packet = ipv4(1, 200)
     (datagram,) = capture(pair, [packet])
@@ -55,7 +59,7 @@ def test_nonce_and_tag_match_an_independent_implementation(pair):
     assert header == (wire.PacketType.DATA, 0, KEY_ID, header.seq, wire.VERSION_SEALED)
     (send, _), _ = session_keys()
     nonce = bytes(4) + header.seq.to_bytes(8, "big")
-    assert AESGCM(send).decrypt(nonce, datagram[16:], datagram[:16]) == packet
+    assert AEADS[pair.cipher](send).decrypt(nonce, datagram[16:], datagram[:16]) == packet
     assert packet not in datagram
 
 
@@ -67,13 +71,43 @@ def test_aead_known_answers():
         "cea7403d4d606b6e074ec5d3baf39d18" "d0d1c8a799996bf0265b98b5d48ab919")
 
 
+def test_chacha20_poly1305_known_answers():
+    # RFC 8439, section 2.8.2 (the AEAD example) and appendix A.5 (its
+    # decryption vector, whose nonce is ours for sequence 0x0102030405060708).
+    chacha = CIPHERS["chacha20-poly1305"]
+    plaintext = (b"Ladies and Gentlemen of the class of '99: If I could offer you only one "
+                 b"tip for the future, sunscreen would be it.")
+    sealed = _testing.aead_nonce(True, bytes(range(0x80, 0xa0)),
+                                 bytes.fromhex("070000004041424344454647"),
+                                 bytes.fromhex("50515253c0c1c2c3c4c5c6c7"), plaintext, chacha)
+    assert sealed.hex() == (
+        "d31a8d34648e60db7b86afbc53ef7ec2a4aded51296e08fea9e2b5a736ee62d63dbea45e8ca9671282fafb"
+        "69da92728b1a71de0a9e060b2905d6a5b67ecd3b3692ddbd7f2d778b8c9803aee328091b58fab324e4fad6"
+        "75945585808b4831d7bc3ff4def08e4b7a9de576d26586cec64b6116" "1ae10b594f09e26a7e902ecbd0600691")
+    key = bytes.fromhex("1c9240a5eb55d38af333888604f6b5f0473917c1402b80099dca5cbc207075c0")
+    ciphertext = bytes.fromhex(
+        "64a0861575861af460f062c79be643bd5e805cfd345cf389f108670ac76c8cb24c6cfc18755d43eea09ee94e"
+        "382d26b0bdb7b73c321b0100d4f03b7f355894cf332f830e710b97ce98c8a84abd0b948114ad176e008d33bd"
+        "60f982b1ff37c8559797a06ef4f0ef61c186324e2b3506383606907b6a7c02b0f9f6157b53c867e4b9166c76"
+        "7b804d46a59b5216cde7a4e99040c5a40433225ee282a1b0a06c523eaf4534d7f83fa1155b0047718cbc546a"
+        "0d072b04b3564eea1b422273f548271a0bb2316053fa76991955ebd63159434ecebb4e466dae5a1073a67276"
+        "27097a1049e617d91d361094fa68f0ff77987130305beaba2eda04df997b714d6c6f2c29a6ad5cb4022b0270"
+        "9b" "eead9d67890cbb22392336fea1851f38")
+    opened = _testing.aead_nonce(False, key, bytes.fromhex("000000000102030405060708"),
+                                 bytes.fromhex("f33388860000000000004e91"), ciphertext, chacha)
+    assert opened.startswith(b"Internet-Drafts are draft documents valid for a maximum of six")
+    assert _testing.aead_open(key, 0x0102030405060708, bytes.fromhex("f33388860000000000004e91"),
+                              ciphertext, chacha) == opened
+
+
+@pytest.mark.parametrize("cipher", list(AEADS), ids=list(CIPHERS))
 @given(key=st.binary(min_size=32, max_size=32), seq=st.integers(0, 2**64 - 1),
        ad=st.binary(max_size=32), plaintext=st.binary(max_size=2000))
-def test_aead_agrees_with_cryptography(key, seq, ad, plaintext):
+def test_aead_agrees_with_cryptography(cipher, key, seq, ad, plaintext):
     nonce = bytes(4) + seq.to_bytes(8, "big")
-    sealed = _testing.aead_seal(key, seq, ad, plaintext)
-    assert sealed == AESGCM(key).encrypt(nonce, plaintext, ad)
-    assert _testing.aead_open(key, seq, ad, sealed) == plaintext
+    sealed = _testing.aead_seal(key, seq, ad, plaintext, cipher)
+    assert sealed == AEADS[cipher](key).encrypt(nonce, plaintext, ad)
+    assert _testing.aead_open(key, seq, ad, sealed, cipher) == plaintext
 
 
 def test_sealed_packets_arrive(pair):
@@ -251,14 +285,14 @@ def test_fuzz_the_opener(pair, data):
 def capture_plain(datagram: bytes, pair: EnginePair) -> bytes:
     (send, _), _ = session_keys()
     seq = wire.unpack_header(datagram).seq
-    return AESGCM(send).decrypt(bytes(4) + seq.to_bytes(8, "big"),
+    return AEADS[pair.cipher](send).decrypt(bytes(4) + seq.to_bytes(8, "big"),
                                           datagram[16:], datagram[:2] + b"\0" + datagram[3:16])
 
 
 def test_handshake_messages_go_up_with_where_they_came_from(pair):
     a, b = pair.engines
     init = wire.pack_header(wire.PacketType.HANDSHAKE_INIT, 0, 99, 0, wire.VERSION_SEALED)
-    pair.udp[0].send(init + os.urandom(56))
+    pair.udp[0].send(init + os.urandom(wire.HANDSHAKE_INIT_LEN - wire.HEADER_LEN))
     b.run(0)
     ((path, _, datagram, source, reply_to),) = b.take_control()
     assert datagram[:16] == init and source == pair.udp[0].getsockname()
@@ -271,7 +305,7 @@ def test_handshake_messages_go_up_with_where_they_came_from(pair):
             b.send_back(forged, b"x")
     for _ in range(6):
         for _ in range(50):
-            pair.udp[0].send(init + os.urandom(56))
+            pair.udp[0].send(init + os.urandom(wire.HANDSHAKE_INIT_LEN - wire.HEADER_LEN))
         b.run(0)
         assert len(b.take_control()) == 50
     with pytest.raises(ValueError):

@@ -9,6 +9,7 @@ import time
 import pytest
 
 from multitun import wire
+from multitun.ciphers import aes_instructions
 from multitun.keyfile import generate_key
 from multitun.lab import (
     TUN_CLIENT, TUN_SERVER, TUN_SERVER6, Capture, TunnelPair, ping, tcp_transfer,
@@ -58,9 +59,12 @@ def test_sealed_tunnel_carries_both_families(sealed):
     st = status_json(bed, bed.client)
     assert st["security"]["keyed"] and st["security"]["handshakes"] >= 1
     table = run_status(bed, bed.client).stdout
-    assert f"sealed: AES-256-GCM, keys {st['security']['key_id']}" in table
+    cipher = "aes-256-gcm" if aes_instructions() else "chacha20-poly1305"
+    assert f"sealed: {cipher} (--cipher auto), keys {st['security']['key_id']}" in table
     assert all(p["state"] == "up" for p in st["paths"])
-    assert "sealed: AES-256-GCM" in sealed.logs("server")
+    assert "sealed under keys from a Noise_NNpsk0 handshake" in sealed.logs("server")
+    assert f"complete on path 0: {cipher}" in sealed.logs("client") or \
+        f"complete on path 1: {cipher}" in sealed.logs("client")
 
 
 def test_sealed_metrics(bed, tmp_path):
@@ -75,13 +79,16 @@ def test_sealed_metrics(bed, tmp_path):
         assert families["multitun_auth_failed"].samples[0].value == 0
 
 
-@pytest.mark.parametrize("offload", [True, False], ids=["offload", "no-offload"])
-def test_sealed_transfers_intact_both_ways(bed, tmp_path, offload):
+@pytest.mark.parametrize("offload,cipher", [(True, "aes-256-gcm"), (False, "aes-256-gcm"),
+                                            (True, "chacha20-poly1305")],
+                         ids=["offload", "no-offload", "chacha20-poly1305"])
+def test_sealed_transfers_intact_both_ways(bed, tmp_path, offload, cipher):
     key = key_file(tmp_path)
-    extra = () if offload else ("--no-offload",)
+    extra = ("--cipher", cipher) + (() if offload else ("--no-offload",))
     with TunnelPair(bed, tmp_path, server_extra=("--key-file", str(key), *extra),
                     client_extra=("--key-file", str(key), *extra)) as pair:
         pair.wait_carrying()
+        assert status_json(bed, bed.client)["security"]["cipher"] == cipher
         for src, dst_ns, dst in ((bed.client, bed.server, TUN_SERVER),
                                  (bed.server, bed.client, TUN_CLIENT)):
             data = os.urandom(16 << 20)
@@ -121,6 +128,38 @@ def test_another_key_gets_nothing_through(bed, tmp_path):
         assert st["security"]["handshake_auth_failed"] > 0
         assert st["tunnel"]["delivered"] == 0
         assert st["paths"] == []  # no endpoint learned from a stranger
+
+
+# OpenSSL's mask for AES-NI (and PCLMULQDQ, which GCM uses with it): as on a CPU
+# without them (openssl-ia32cap(3)).
+NO_AES = {"OPENSSL_ia32cap": "~0x200000200000000"}
+
+
+def test_auto_takes_chacha_when_one_end_lacks_aes(bed, tmp_path):
+    key = key_file(tmp_path)
+    with keyed(bed, tmp_path, key, key, client_env=NO_AES) as pair:
+        pair.wait_carrying()
+        st = status_json(bed, bed.server)
+        assert st["security"]["cipher"] == "chacha20-poly1305"
+        assert "AES instructions here: no" in pair.logs("client")
+        result = tcp_transfer(bed, bed.client, bed.server, TUN_SERVER, data=os.urandom(4 << 20))
+        assert result.received_sha256 == result.sent_sha256
+
+
+def test_ciphers_insisted_on_that_differ_get_nothing_through(bed, tmp_path):
+    key = key_file(tmp_path)
+    with TunnelPair(bed, tmp_path,
+                    server_extra=("--key-file", str(key), "--cipher", "aes-256-gcm"),
+                    client_extra=("--key-file", str(key), "--cipher", "chacha20-poly1305")) as pair:
+        with pytest.raises(TimeoutError):
+            pair.wait_carrying(timeout=3)
+        pair.wait_log("server", "handshake refused: the client insists on chacha20-poly1305, "
+                                "this end on --cipher aes-256-gcm")
+        log = pair.wait_log("client", "the server refuses chacha20-poly1305: it is set to "
+                                      "--cipher aes-256-gcm")
+        assert log.count("the server refuses") == 1  # said once, not at every retry
+        assert status_json(bed, bed.server)["tunnel"]["delivered"] == 0
+        assert pair.server.poll() is None and pair.client.poll() is None
 
 
 def test_key_on_one_side_only_is_named_in_the_log(bed, tmp_path):

@@ -17,15 +17,20 @@ cdef enum:
     T_HANDSHAKE_RESPONSE = 5
     PROBE_MIN_PAYLOAD = 16
     PROBE_MAX_PAYLOAD = 64
-    # AES-256-GCM (NIST SP 800-38D): 32-byte keys, 16-byte tags, 12-byte nonces.
+    # The AEADs, chosen in the handshake (--cipher): AES-256-GCM (NIST SP
+    # 800-38D) and ChaCha20-Poly1305 (RFC 8439), both with 32-byte keys,
+    # 16-byte tags and 12-byte nonces.
+    CIPHER_AES_256_GCM = 1
+    CIPHER_CHACHA20_POLY1305 = 2
     KEY_LEN = 32
     TAG_LEN = 16
     NONCE_LEN = 12
     # Handshake messages (multitun/noise.py): header + ephemeral key + sealed
-    # timestamp; header + ephemeral key + empty sealed payload. A response is
-    # shorter than the request it answers: no amplification.
-    HANDSHAKE_INIT_LEN = HEADER_LEN + 32 + 8 + TAG_LEN
-    HANDSHAKE_RESPONSE_LEN = HEADER_LEN + 32 + TAG_LEN
+    # timestamp and cipher offer; header + ephemeral key + sealed cipher
+    # choice. A response is shorter than the request it answers: no
+    # amplification.
+    HANDSHAKE_INIT_LEN = HEADER_LEN + 32 + 9 + TAG_LEN
+    HANDSHAKE_RESPONSE_LEN = HEADER_LEN + 32 + 1 + TAG_LEN
     # The largest UDP payload (RFC 768's 16-bit length less its 8-byte header,
     # less IPv4's 20: what every path can carry in one datagram).
     MAX_DATAGRAM = 65507

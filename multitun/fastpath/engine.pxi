@@ -232,12 +232,14 @@ cdef class Engine:
         return self.pathset.send_one(path, buf, n)
 
     def install_keys(self, uint32_t key_id, const uint8_t[:] send_key,
-                     const uint8_t[:] receive_key, bint confirmed):
-        """Install the keys of a handshake. ``confirmed`` (the initiator, who
-        has seen the response): they become current at once and the current
-        ones previous. Not confirmed (the responder): they wait in the next
-        slot until the first authentic packet under them arrives."""
-        self.keyring.install(key_id, send_key, receive_key, confirmed)
+                     const uint8_t[:] receive_key, bint confirmed,
+                     int cipher=CIPHER_AES_256_GCM):
+        """Install the keys of a handshake, for ``cipher`` (CIPHERS).
+        ``confirmed`` (the initiator, who has seen the response): they become
+        current at once and the current ones previous. Not confirmed (the
+        responder): they wait in the next slot until the first authentic
+        packet under them arrives."""
+        self.keyring.install(key_id, send_key, receive_key, confirmed, cipher)
 
     def drop_keys(self, uint32_t key_id):
         """Forget the keys with this id (expired); True if there were any."""

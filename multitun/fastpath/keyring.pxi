@@ -97,7 +97,7 @@ cdef class KeyRing:
     # ------------------------------------------------ for the control plane
 
     cdef install(self, uint32_t key_id, const uint8_t[:] send_key,
-                 const uint8_t[:] receive_key, bint confirmed):
+                 const uint8_t[:] receive_key, bint confirmed, int cipher):
         cdef Keypair kp
         if not self.keyed:
             raise ValueError("this engine has no keys (keyed=False)")
@@ -105,13 +105,16 @@ cdef class KeyRing:
             raise ValueError(f"key id {key_id:#x} is 0 or in use")
         if send_key.shape[0] != KEY_LEN or receive_key.shape[0] != KEY_LEN:
             raise ValueError(f"keys are {KEY_LEN} bytes")
+        if cipher != CIPHER_AES_256_GCM and cipher != CIPHER_CHACHA20_POLY1305:
+            raise ValueError(f"no cipher {cipher}")
         memset(&kp, 0, sizeof(Keypair))
-        kp.seal = new_cipher(&send_key[0], 1)
-        kp.open = new_cipher(&receive_key[0], 0)
+        kp.seal = new_cipher(&send_key[0], 1, cipher)
+        kp.open = new_cipher(&receive_key[0], 0, cipher)
         if kp.seal == NULL or kp.open == NULL:
             clear_keypair(&kp)
-            raise MemoryError("libcrypto could not set up AES-256-GCM")
+            raise MemoryError(f"libcrypto could not set up cipher {cipher}")
         kp.id = key_id
+        kp.cipher = cipher
         kp.installed_ns = now_ns()
         if confirmed:
             # The initiator, who has seen the response: in use at once.
@@ -137,7 +140,8 @@ cdef class KeyRing:
         for i, name in enumerate(("current", "previous", "next")):
             kp = &self.slot[i]
             if kp.id:
-                out.append({"slot": name, "id": kp.id, "age_s": (t - kp.installed_ns) / 1e9,
+                out.append({"slot": name, "id": kp.id, "cipher": kp.cipher,
+                            "age_s": (t - kp.installed_ns) / 1e9,
                             "tx_seq": kp.tx_seq, "rx_packets": kp.rx_packets,
                             "last_rx_ns": kp.last_rx_ns})
         return out

@@ -12,6 +12,7 @@ cdef extern from "<openssl/evp.h>" nogil:
         EVP_CTRL_AEAD_SET_TAG
 
     const EVP_CIPHER *EVP_aes_256_gcm()
+    const EVP_CIPHER *EVP_chacha20_poly1305()
     EVP_CIPHER_CTX *EVP_CIPHER_CTX_new()
     void EVP_CIPHER_CTX_free(EVP_CIPHER_CTX *ctx)
     int EVP_CipherInit_ex(EVP_CIPHER_CTX *ctx, const EVP_CIPHER *cipher, void *impl,

@@ -10,6 +10,7 @@ import functools
 import socket
 
 from multitun import noise
+from multitun.ciphers import CIPHERS
 from multitun._fastpath import Engine
 
 KEY_ID = 0x5EA1ED
@@ -28,10 +29,11 @@ def session_keys(psk: bytes = bytes(range(32))) -> tuple[tuple[bytes, bytes], tu
 
 class EnginePair:
     def __init__(self, gso: bool = True, keyed: bool = False, ready: bool = True,
-                 vnet_hdr: bool = False) -> None:
-        """``ready``: sessions adopted (in clear) or keys installed (sealed).
-        ``vnet_hdr``: the "TUN" carries virtio-net headers (TUN offloads)."""
-        self.keyed = keyed
+                 vnet_hdr: bool = False, cipher: int = CIPHERS["aes-256-gcm"]) -> None:
+        """``ready``: sessions adopted (in clear) or keys installed (sealed),
+        for ``cipher`` (multitun.ciphers.CIPHERS). ``vnet_hdr``: the "TUN"
+        carries virtio-net headers (TUN offloads)."""
+        self.keyed, self.cipher = keyed, cipher
         self.udp = [socket.socket(socket.AF_INET, socket.SOCK_DGRAM | socket.SOCK_NONBLOCK)
                     for _ in range(2)]
         for s in self.udp:
@@ -62,8 +64,8 @@ class EnginePair:
         a, b = self.engines
         if self.keyed:
             (a_send, a_receive), (b_send, b_receive) = session_keys()
-            a.install_keys(KEY_ID, a_send, a_receive, True)
-            b.install_keys(KEY_ID, b_send, b_receive, True)
+            a.install_keys(KEY_ID, a_send, a_receive, True, self.cipher)
+            b.install_keys(KEY_ID, b_send, b_receive, True, self.cipher)
         a.send_probe(0, 1, 0)
         b.run(0)  # b (in clear: adopts a's session and) replies
         a.run(0)  # a (adopts b's and) takes the reply

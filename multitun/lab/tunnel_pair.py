@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import os
 import signal
 import subprocess
 import time
@@ -24,15 +25,15 @@ class TunnelPair:
     def __init__(self, bed: Bed, logdir: Path, port: int = 5678,
                  server_extra: tuple[str, ...] = (), client_extra: tuple[str, ...] = (),
                  command: list[str] | None = None, python: str | None = None,
-                 endpoints: str | None = None) -> None:
+                 endpoints: str | None = None, client_env: dict | None = None) -> None:
         """``command``: run this program instead of multitun, with the original
         C++ tool's flags only (-l, -s, -c, -p), to compare tunnels on one bed.
         ``python``: run the multitun installed for this interpreter (another
         version of it, in a virtual environment) with all its flags.
         ``endpoints``: the client's -c (default: every path of the bed, by
-        address)."""
+        address). ``client_env``: variables added to the client's environment."""
         self.bed, self.logdir, self.port, self.command = bed, Path(logdir), port, command
-        self.python = python
+        self.python, self.client_env = python, client_env
         ipv6 = () if command else ("-l", f"{TUN_SERVER6}/64")
         self.server_args = ["-l", TUN_SERVER, *ipv6, "-s", "0.0.0.0", "-p", str(port),
                             *server_extra]
@@ -59,8 +60,10 @@ class TunnelPair:
             if self.command:
                 return self.bed.popen(ns, [*self.command, *args], stdout=log,
                                       stderr=subprocess.STDOUT)
+            env = {**os.environ, **self.client_env} if side == "client" and self.client_env \
+                else None
             return self.bed.multitun(ns, args, python=self.python, stdout=log,
-                                     stderr=subprocess.STDOUT)
+                                     stderr=subprocess.STDOUT, env=env)
 
     def start_server(self) -> None:
         self.server = self._start("server")
