@@ -24,7 +24,7 @@ from .conftest import requires_root
 
 pytestmark = requires_root
 
-ROUNDS = 3
+ROUNDS = 5
 BARE = "192.0.2.1"  # path 0's server address: the bare veth path
 
 
