@@ -54,4 +54,5 @@ HANDSHAKE_COUNTERS = {
     "handshake_auth_failed": "Handshake messages that failed authentication",
     "handshake_replayed": "Handshake messages refused as replays",
     "handshake_rate_limited": "Handshake messages over the rate limit, unanswered",
+    "handshake_cookies": "First messages without a fresh ticket, answered with a cookie",
 }

@@ -14,12 +14,13 @@ handshake every REKEY_AFTER_S, or when nothing authentic arrived for
 SILENCE_S (the server restarted, or every path failed), retrying every RETRY_S
 until answered. Keys older than REJECT_AFTER_S are dropped on both sides.
 
-First messages carry the client's wall-clock time; the server accepts only
-times newer than the last handshake it accepted, so a recorded first message
-replayed later gets no response. Copies of the latest first message on other
-paths are answered (once per path, within COPIES_S) with the same response,
-which is shorter than the message: no amplification. Responses are also
-rate-limited.
+First messages carry a single-use ticket from the server (multitun/tickets.py):
+a recorded first message replayed later carries a used or stale one and gets
+no keys. A client without a fresh ticket is sent one in a cookie and tries
+again at once. No clock is read for any of it. Copies of the latest first
+message on other paths are answered (once per path, within COPIES_S) with
+the same response. Every answer is shorter than the first message: no
+amplification. Answers are also rate-limited.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ import secrets
 import time
 from dataclasses import dataclass, field
 
-from . import ciphers, wire
+from . import ciphers, noise, tickets, wire
 from ._fastpath import Engine
 from .noise import HandshakeError, Initiator, Responder
 from .ratelimit import TokenBucket
@@ -46,7 +47,7 @@ HANDSHAKE_BURST = 20
 UNANSWERED_LOG_S = 10.0
 
 _PROLOGUE = b"multitun protocol 2, key id "
-_TIMESTAMP_LEN = 8
+_RESERVED = bytes(8)  # in the first message: it stays longer than any answer
 
 
 def prologue(key_id: int) -> bytes:
@@ -66,21 +67,24 @@ class Rejections:
     auth_failed: int = 0
     replayed: int = 0
     rate_limited: int = 0
+    # First messages without a fresh ticket, answered with a cookie.
+    cookies: int = 0
     last_source: tuple | None = None
 
     def as_dict(self) -> dict:
         return {"handshake_auth_failed": self.auth_failed,
                 "handshake_replayed": self.replayed,
-                "handshake_rate_limited": self.rate_limited}
+                "handshake_rate_limited": self.rate_limited,
+                "handshake_cookies": self.cookies}
 
 
 class Keying:
     """What both ends do: take the handshake messages meant for their side,
     expire old keys, report."""
 
-    # The handshake message this end answers or completes; the other kind,
-    # sent by a peer of the same role or crafted, is ignored.
-    handshake_type: wire.PacketType
+    # The handshake messages this end takes; the others, sent by a peer of
+    # the same role or crafted, are ignored.
+    handshake_types: tuple[wire.PacketType, ...]
 
     def __init__(self, engine: Engine, psk: bytes, cipher: str = ciphers.AUTO) -> None:
         self.engine, self.psk, self.cipher = engine, psk, cipher
@@ -95,7 +99,7 @@ class Keying:
         reply; True when it put new keys in use (the caller then sends
         authentic packets on every path at once, which confirms them to the
         server). ``reply_to`` is the engine's and goes back to it unchanged."""
-        if wire.peek_header(datagram).type != self.handshake_type:
+        if wire.peek_header(datagram).type not in self.handshake_types:
             return False
         return self._on_handshake(path, datagram, source, reply_to, now)
 
@@ -139,13 +143,19 @@ class _Pending:
     initiator: Initiator
     key_id: int
     sent_at: float
+    # The first message's ephemeral public key: a cookie for it is sealed to it.
+    ephemeral: bytes
+    # The server answered it (refusing the cipher, say): its ticket is fresh.
+    answered: bool = False
 
 
 class ClientKeying(Keying):
-    handshake_type = wire.PacketType.HANDSHAKE_RESPONSE
+    handshake_types = (wire.PacketType.HANDSHAKE_RESPONSE, wire.PacketType.HANDSHAKE_COOKIE)
 
     def __init__(self, engine: Engine, psk: bytes, cipher: str = ciphers.AUTO) -> None:
         super().__init__(engine, psk, cipher)
+        # The server's latest ticket (none yet: the first handshake takes a cookie).
+        self.ticket = tickets.NONE
         self.pending: _Pending | None = None
         self.first_attempt: float | None = None
         self.next_unanswered_log = 0.0
@@ -155,6 +165,11 @@ class ClientKeying(Keying):
         cur = self.current()
         if cur is None or cur["age_s"] >= REKEY_AFTER_S or self._silent(cur):
             if self.pending is None or now - self.pending.sent_at >= RETRY_S:
+                if self.pending is not None and not self.pending.answered:
+                    # The server may have taken the ticket and its response
+                    # been lost: ask for a fresh one rather than be taken for
+                    # a replay.
+                    self.ticket = tickets.NONE
                 self._initiate(now)
         if self.first_attempt is not None and now - self.first_attempt >= UNANSWERED_LOG_S / 2 \
                 and now >= self.next_unanswered_log:
@@ -176,9 +191,9 @@ class ClientKeying(Keying):
         while key_id == 0 or key_id in taken:
             key_id = secrets.randbits(32)
         initiator = Initiator(self.psk, prologue(key_id))
-        body = initiator.write_init(time.time_ns().to_bytes(_TIMESTAMP_LEN, "big")
-                                    + ciphers.offer(self.cipher, self.has_aes))
-        self.pending = _Pending(initiator, key_id, now)
+        body = initiator.write_init(self.ticket + ciphers.offer(self.cipher, self.has_aes)
+                                    + _RESERVED)
+        self.pending = _Pending(initiator, key_id, now, body[:noise.DHLEN])
         if self.first_attempt is None:
             self.first_attempt = now
         for p in self.engine.paths():
@@ -189,16 +204,23 @@ class ClientKeying(Keying):
 
     def _on_handshake(self, path: int, datagram: bytes, source: tuple | None,
                       reply_to: object, now: float) -> bool:
-        """A response; True when it completed a handshake (new keys in use)."""
+        """A response or a cookie; True when it completed a handshake (new
+        keys in use)."""
         header = wire.peek_header(datagram)
         pending = self.pending
         if pending is None or header.session != pending.key_id:
             return False  # a copy from a slower path, or one we gave up on
+        if header.type == wire.PacketType.HANDSHAKE_COOKIE:
+            return self._on_cookie(datagram, source, now)
         try:
-            cipher = ciphers.chosen(pending.initiator.read_response(datagram[wire.HEADER_LEN:]))
+            payload = pending.initiator.read_response(datagram[wire.HEADER_LEN:])
         except HandshakeError:
             self._refuse("auth_failed", source)
             return False
+        self.ticket = payload[1:]  # for the next handshake, refused or not
+        pending.answered = True
+        try:
+            cipher = ciphers.chosen(payload[:1])
         except ciphers.CipherRefused as e:
             self._log_refusal(now, "the server refuses %s: it is set to --cipher %s; nothing "
                               "passes until both ends take the same (or auto)",
@@ -216,6 +238,20 @@ class ClientKeying(Keying):
         return True
 
 
+    def _on_cookie(self, datagram: bytes, source: tuple | None, now: float) -> bool:
+        """The server wants a fresh ticket in our first message: here it is;
+        a new first message goes at once."""
+        ticket = tickets.open_cookie(self.psk, self.pending.ephemeral,
+                                     datagram[:wire.HEADER_LEN], datagram[wire.HEADER_LEN:])
+        if ticket is None:
+            self._refuse("auth_failed", source)
+            return False
+        self.ticket = ticket
+        log.debug("handshake %08x: a new ticket from the server", self.pending.key_id)
+        self._initiate(now)
+        return False
+
+
 @dataclass
 class _Answered:
     body: bytes
@@ -226,11 +262,11 @@ class _Answered:
 
 
 class ServerKeying(Keying):
-    handshake_type = wire.PacketType.HANDSHAKE_INIT
+    handshake_types = (wire.PacketType.HANDSHAKE_INIT,)
 
     def __init__(self, engine: Engine, psk: bytes, cipher: str = ciphers.AUTO) -> None:
         super().__init__(engine, psk, cipher)
-        self.newest_timestamp = 0
+        self.book = tickets.TicketBook()
         self.latest: _Answered | None = None
         self.bucket = TokenBucket(HANDSHAKES_PER_S, HANDSHAKE_BURST)
 
@@ -263,18 +299,29 @@ class ServerKeying(Keying):
         except HandshakeError:
             self._refuse("auth_failed", source)
             return
-        timestamp = int.from_bytes(payload[:_TIMESTAMP_LEN], "big")
-        offer = payload[_TIMESTAMP_LEN:]
-        if timestamp <= self.newest_timestamp:
-            # Recorded and replayed, or the client's clock went back.
-            self._refuse("replayed", source)
-            return
+        ticket = payload[:wire.TICKET_LEN]
+        offer = payload[wire.TICKET_LEN:wire.TICKET_LEN + 1]
         ids = {k["id"]: k["slot"] for k in self.engine.keys()}
         if ids.get(key_id, "next") != "next":
             self._refuse("replayed", source)  # the id of keys in use: never reinstalled
             return
+        verdict = self.book.redeem(ticket, now)
+        if verdict != "ok":
+            # No keys. A client that needs a fresh ticket gets a cookie,
+            # which only the sender of this first message can open.
+            if verdict == "used":
+                # Replayed: no answer at all. (A client whose response was
+                # lost asks again without a ticket, and gets a cookie.)
+                self._refuse("replayed", source)
+                return
+            self.rejected.cookies += 1
+            header = wire.pack_header(wire.PacketType.HANDSHAKE_COOKIE, path, key_id, 0,
+                                      wire.VERSION_SEALED)
+            self.engine.send_back(reply_to, header + tickets.seal_cookie(
+                self.psk, body[:noise.DHLEN], header, self.book.issue(now)))
+            return
         answer = ciphers.choose(offer, self.cipher, self.has_aes)
-        response = responder.write_response(answer)
+        response = responder.write_response(answer + self.book.issue(now))
         try:
             cipher = ciphers.chosen(answer)
         except ciphers.CipherRefused:
@@ -285,7 +332,6 @@ class ServerKeying(Keying):
                 wire.PacketType.HANDSHAKE_RESPONSE, path, key_id, response))
             return
         send, receive = responder.keys()
-        self.newest_timestamp = timestamp
         self.engine.drop_keys(key_id)
         self.engine.install_keys(key_id, send, receive, False, cipher)
         self.latest = _Answered(body, key_id, response, now, {path})

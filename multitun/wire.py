@@ -36,11 +36,16 @@ MAX_PATHS = 16
 # amplification).
 PROBE_MIN_PAYLOAD = 16
 PROBE_MAX_PAYLOAD = 64
-# Version 2 handshake messages (multitun/noise.py): an ephemeral public key and
-# a sealed timestamp and cipher offer; an ephemeral public key and the sealed
-# cipher choice (multitun/ciphers.py).
-HANDSHAKE_INIT_LEN = HEADER_LEN + 32 + 9 + TAG_LEN
-HANDSHAKE_RESPONSE_LEN = HEADER_LEN + 32 + 1 + TAG_LEN
+# Version 2 handshake messages (multitun/keying.py): an ephemeral public key
+# and, sealed, a ticket, the cipher offer (multitun/ciphers.py) and 8 reserved
+# bytes; an ephemeral public key and, sealed, the cipher choice and a new
+# ticket; a nonce and a sealed ticket (the cookie: a first message's ticket
+# was missing or stale). Each answer is shorter than what it answers.
+NONCE_LEN = 12
+TICKET_LEN = 24
+HANDSHAKE_INIT_LEN = HEADER_LEN + 32 + TICKET_LEN + 1 + 8 + TAG_LEN
+HANDSHAKE_RESPONSE_LEN = HEADER_LEN + 32 + 1 + TICKET_LEN + TAG_LEN
+HANDSHAKE_COOKIE_LEN = HEADER_LEN + NONCE_LEN + TICKET_LEN + TAG_LEN
 
 _HEADER = struct.Struct("!BBBBIQ")
 _PROBE_PAYLOAD = struct.Struct("!QQ")
@@ -52,6 +57,7 @@ class PacketType(enum.IntEnum):
     PROBE_REPLY = 3
     HANDSHAKE_INIT = 4  # version 2 only
     HANDSHAKE_RESPONSE = 5  # version 2 only
+    HANDSHAKE_COOKIE = 6  # version 2 only
 
 
 class Header(NamedTuple):
@@ -118,6 +124,7 @@ def _check_sealed_length(ptype: int, n: int) -> None:
         PacketType.PROBE_REPLY: (sealed + PROBE_MIN_PAYLOAD, sealed + PROBE_MAX_PAYLOAD),
         PacketType.HANDSHAKE_INIT: (HANDSHAKE_INIT_LEN, HANDSHAKE_INIT_LEN),
         PacketType.HANDSHAKE_RESPONSE: (HANDSHAKE_RESPONSE_LEN, HANDSHAKE_RESPONSE_LEN),
+        PacketType.HANDSHAKE_COOKIE: (HANDSHAKE_COOKIE_LEN, HANDSHAKE_COOKIE_LEN),
     }.get(ptype)
     if limits is None:
         raise MalformedPacket(f"type {ptype}")

@@ -40,6 +40,8 @@ def test_constants_agree():
         "KEY_LEN": wire.KEY_LEN, "TAG_LEN": wire.TAG_LEN,
         "HANDSHAKE_INIT_LEN": wire.HANDSHAKE_INIT_LEN,
         "HANDSHAKE_RESPONSE_LEN": wire.HANDSHAKE_RESPONSE_LEN,
+        "HANDSHAKE_COOKIE_LEN": wire.HANDSHAKE_COOKIE_LEN,
+        "T_HANDSHAKE_COOKIE": wire.PacketType.HANDSHAKE_COOKIE, "TICKET_LEN": wire.TICKET_LEN,
         "MAX_DATAGRAM": wire.MAX_DATAGRAM,
     }
 
@@ -83,11 +85,13 @@ CASES = [
     (24, SEALED(wire.PacketType.PROBE) + bytes(15 + 16), False),
     (25, SEALED(wire.PacketType.PROBE_REPLY) + bytes(64 + 16), True),
     (26, SEALED(wire.PacketType.PROBE_REPLY) + bytes(65 + 16), False),
-    (27, SEALED(wire.PacketType.HANDSHAKE_INIT) + bytes(57), True),
-    (28, SEALED(wire.PacketType.HANDSHAKE_INIT) + bytes(58), False),  # exact sizes only
-    (29, SEALED(wire.PacketType.HANDSHAKE_RESPONSE) + bytes(49), True),
-    (30, SEALED(wire.PacketType.HANDSHAKE_RESPONSE) + bytes(57), False),
-    (31, SEALED(6) + bytes(48), False),                                # unknown type
+    (27, SEALED(wire.PacketType.HANDSHAKE_INIT) + bytes(81), True),
+    (28, SEALED(wire.PacketType.HANDSHAKE_INIT) + bytes(82), False),  # exact sizes only
+    (29, SEALED(wire.PacketType.HANDSHAKE_RESPONSE) + bytes(73), True),
+    (30, SEALED(wire.PacketType.HANDSHAKE_RESPONSE) + bytes(81), False),
+    (31, SEALED(7) + bytes(48), False),                                # unknown type
+    (32, SEALED(wire.PacketType.HANDSHAKE_COOKIE) + bytes(52), True),
+    (33, SEALED(wire.PacketType.HANDSHAKE_COOKIE) + bytes(51), False),
 ]
 
 

@@ -3,10 +3,11 @@ the client's and the server's sides of real handshakes, rekeying, expiry,
 replay and rate limits. No root needed."""
 
 import os
+import time
 
 import pytest
 
-from multitun import keying, wire
+from multitun import keying, tickets, wire
 from multitun.keying import ClientKeying, ServerKeying
 
 from multitun.lab.engine_pair import EnginePair, ipv4
@@ -19,13 +20,18 @@ class Ends:
     keying's clock (the engine keeps its own monotonic one)."""
 
     def __init__(self, server_psk: bytes = PSK, client_cipher: str = "auto",
-                 server_cipher: str = "auto", aes: tuple[bool, bool] = (True, True)) -> None:
-        """``aes``: whether the client and the server have AES instructions."""
+                 server_cipher: str = "auto", aes: tuple[bool, bool] = (True, True),
+                 ticket: bool = True) -> None:
+        """``aes``: whether the client and the server have AES instructions.
+        ``ticket``: the client holds a fresh ticket from this server (as after
+        an earlier handshake), so a handshake takes one round trip."""
         self.pair = EnginePair(keyed=True, ready=False)
         self.client = ClientKeying(self.pair.engines[0], PSK, client_cipher)
         self.server = ServerKeying(self.pair.engines[1], server_psk, server_cipher)
         self.client.has_aes, self.server.has_aes = aes
         self.now = 1000.0
+        if ticket:
+            self.client.ticket = self.server.book.issue(self.now)
         self.sent: list[tuple[int, bytes]] = []  # what the server sent back
 
     def step(self) -> int:
@@ -81,8 +87,9 @@ def test_response_is_shorter_than_the_request(ends):
     (path, _, datagram, source, reply_to), = ends.pair.engines[1].take_control()
     ends.server.on_control(path, datagram, source, reply_to, ends.now)
     response = ends.pair.udp[0].recv(200)
-    assert len(init) == wire.HANDSHAKE_INIT_LEN == 73
-    assert len(response) == wire.HANDSHAKE_RESPONSE_LEN == 65 < len(init)
+    assert len(init) == wire.HANDSHAKE_INIT_LEN == 97
+    assert len(response) == wire.HANDSHAKE_RESPONSE_LEN == 89 < len(init)
+    assert wire.HANDSHAKE_COOKIE_LEN == 68 < len(init)
 
 
 def test_each_end_takes_only_the_handshake_message_meant_for_it(ends):
@@ -97,7 +104,8 @@ def test_each_end_takes_only_the_handshake_message_meant_for_it(ends):
     pending = ends.client.pending
     assert ends.client.on_control(path, datagram, source, reply_to, ends.now) is False
     assert ends.client.pending is pending and ends.client.rejected.as_dict() == {
-        "handshake_auth_failed": 0, "handshake_replayed": 0, "handshake_rate_limited": 0}
+        "handshake_auth_failed": 0, "handshake_replayed": 0, "handshake_rate_limited": 0,
+        "handshake_cookies": 0}
     ends.pair.udp[0].send(init)
     b.run(0)
     (path, _, datagram, source, reply_to), = b.take_control()
@@ -129,11 +137,16 @@ def test_replayed_first_message_gets_no_response(ends):
             responses.append(ends.pair.udp[0].recv(200))
         except BlockingIOError:
             break
-    assert len(responses) == 1  # the first; the copies on the same path are replays
-    assert ends.server.rejected.replayed == 2
+    # The first is answered; the copies on the same path are replays (of the
+    # latest first message: known as such without looking at the ticket).
+    assert [wire.peek_header(r).type for r in responses] == [wire.PacketType.HANDSHAKE_RESPONSE]
+    assert ends.server.rejected.replayed == 2 and ends.server.handshakes == 1
+    assert [k["slot"] for k in b.keys()] == ["next"]
 
 
-def test_older_first_message_is_refused(ends):
+def test_a_first_message_with_a_used_ticket_is_refused(ends):
+    # Two first messages with one ticket (a replay from before the latest
+    # handshake looks like this): the second gets nothing, and no keys.
     ends.client.tick(ends.now)
     old = ends.pair.udp[1].recv(200)
     ends.client.pending = None
@@ -146,6 +159,9 @@ def test_older_first_message_is_refused(ends):
         for path, _, datagram, source, reply_to in b.take_control():
             ends.server.on_control(path, datagram, source, reply_to, ends.now)
     assert ends.server.handshakes == 1 and ends.server.rejected.replayed == 1
+    assert wire.peek_header(ends.pair.udp[0].recv(200)).type == wire.PacketType.HANDSHAKE_RESPONSE
+    with pytest.raises(BlockingIOError):
+        ends.pair.udp[0].recv(200)  # the replay: no answer
 
 
 def test_wrong_key_never_answers(ends):
@@ -165,6 +181,7 @@ def test_handshakes_are_rate_limited(ends):
     inits = []
     for _ in range(keying.HANDSHAKE_BURST + 10):
         ends.client.pending = None
+        ends.client.ticket = ends.server.book.issue(ends.now)  # each its own
         ends.client.tick(ends.now)
         inits.append(ends.pair.udp[1].recv(200))
     for init in inits:
@@ -258,3 +275,81 @@ def test_ciphers_insisted_on_that_differ_install_nothing(caplog):
             "passes until both ends take the same (or auto)"]
     finally:
         ends.close()
+
+
+def test_without_a_ticket_a_cookie_then_the_handshake(monkeypatch):
+    # A client that never spoke to this server (or restarted): one round
+    # trip more, and the ticket it gets serves its next handshake.
+    ends = Ends(ticket=False)
+    try:
+        ends.connect()
+        assert ends.server.rejected.cookies == 1 and ends.server.handshakes == 1
+        monkeypatch.setattr(keying, "REKEY_AFTER_S", 0.0)
+        ends.client.tick(ends.now + 1)  # a rekey: straight through, with the new ticket
+        assert ends.step() == 1
+        assert ends.server.rejected.cookies == 1 and ends.server.handshakes == 2
+    finally:
+        ends.close()
+
+
+def test_a_stale_ticket_gets_a_cookie():
+    # The ticket outlived its lifetime (the client slept), or the server
+    # restarted since (its secret is new): both stale.
+    for late, book in ((tickets.LIFETIME_S + 1, None), (0, tickets.TicketBook())):
+        ends = Ends()
+        try:
+            if book:
+                ends.server.book = book
+            ends.now += late
+            ends.connect()
+            assert ends.server.rejected.cookies == 1
+        finally:
+            ends.close()
+
+
+def test_no_clock_is_read_for_a_handshake(monkeypatch):
+    # A board without a battery-backed clock (1970 at boot, or a day behind):
+    # nothing in the handshake depends on the wall clock, on either side.
+    def no_clock():
+        raise AssertionError("the wall clock was read")
+
+    monkeypatch.setattr(time, "time", no_clock)
+    monkeypatch.setattr(time, "time_ns", no_clock)
+    ends = Ends(ticket=False)
+    try:
+        ends.connect()
+    finally:
+        ends.close()
+
+
+def test_a_cookie_that_is_not_authentic_changes_nothing():
+    ends = Ends(ticket=False)
+    try:
+        a, b = ends.pair.engines
+        ends.client.tick(ends.now)
+        init = ends.pair.udp[1].recv(200)
+        key_id = wire.peek_header(init).session
+        header = wire.pack_header(wire.PacketType.HANDSHAKE_COOKIE, 0, key_id, 0,
+                                  wire.VERSION_SEALED)
+        forged = header + tickets.seal_cookie(os.urandom(32), init[16:48], header, bytes(24))
+        ends.pair.udp[1].send(forged)
+        a.run(0)
+        (path, _, datagram, source, reply_to), = a.take_control()
+        assert ends.client.on_control(path, datagram, source, reply_to, ends.now) is False
+        assert ends.client.ticket == tickets.NONE and ends.client.rejected.auth_failed == 1
+    finally:
+        ends.close()
+
+
+def test_a_lost_response_costs_a_cookie_not_the_connection(ends):
+    # The server took the ticket, and its response was lost: the retry asks
+    # without a ticket, gets a cookie, and connects.
+    ends.client.tick(ends.now)
+    b = ends.pair.engines[1]
+    b.run(0)
+    for path, _, datagram, source, reply_to in b.take_control():
+        ends.server.on_control(path, datagram, source, reply_to, ends.now)
+    ends.pair.udp[0].recv(200)  # the response, lost
+    ends.client.tick(ends.now + keying.RETRY_S)
+    assert ends.step() == 1
+    assert ends.server.rejected.cookies == 1 and ends.server.rejected.replayed == 0

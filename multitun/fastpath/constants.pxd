@@ -15,6 +15,7 @@ cdef enum:
     T_PROBE_REPLY = 3
     T_HANDSHAKE_INIT = 4
     T_HANDSHAKE_RESPONSE = 5
+    T_HANDSHAKE_COOKIE = 6
     PROBE_MIN_PAYLOAD = 16
     PROBE_MAX_PAYLOAD = 64
     # The AEADs, chosen in the handshake (--cipher): AES-256-GCM (NIST SP
@@ -25,12 +26,15 @@ cdef enum:
     KEY_LEN = 32
     TAG_LEN = 16
     NONCE_LEN = 12
-    # Handshake messages (multitun/noise.py): header + ephemeral key + sealed
-    # timestamp and cipher offer; header + ephemeral key + sealed cipher
-    # choice. A response is shorter than the request it answers: no
-    # amplification.
-    HANDSHAKE_INIT_LEN = HEADER_LEN + 32 + 9 + TAG_LEN
-    HANDSHAKE_RESPONSE_LEN = HEADER_LEN + 32 + 1 + TAG_LEN
+    # Handshake messages (multitun/noise.py, keying.py, docs/PROTOCOL.md):
+    # header + ephemeral key + sealed ticket, cipher offer and 8 reserved
+    # bytes; header + ephemeral key + sealed cipher choice and new ticket;
+    # header + nonce + sealed ticket. Each answer is shorter than the first
+    # message it answers: no amplification.
+    TICKET_LEN = 24
+    HANDSHAKE_INIT_LEN = HEADER_LEN + 32 + TICKET_LEN + 1 + 8 + TAG_LEN
+    HANDSHAKE_RESPONSE_LEN = HEADER_LEN + 32 + 1 + TICKET_LEN + TAG_LEN
+    HANDSHAKE_COOKIE_LEN = HEADER_LEN + NONCE_LEN + TICKET_LEN + TAG_LEN
     # The largest UDP payload (RFC 768's 16-bit length less its 8-byte header,
     # less IPv4's 20: what every path can carry in one datagram).
     MAX_DATAGRAM = 65507
@@ -47,6 +51,9 @@ cdef enum:
     # and the return addresses that send_back() may still answer.
     CTRL_SLOTS = 64
     REPLY_SLOTS = 256
+    # The largest control packet: a handshake's first message (a probe
+    # reply is at most HEADER_LEN + PROBE_MAX_PAYLOAD, 80).
+    CTRL_ROOM = HANDSHAKE_INIT_LEN
     # UDP GSO: datagrams per train (UDP_MAX_SEGMENTS is 64 on kernels before
     # 6.x) and bytes per train (an IPv4 datagram's payload is at most 65507).
     GSO_MAX_SEGMENTS = 64

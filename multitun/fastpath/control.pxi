@@ -15,7 +15,7 @@ cdef struct ControlPacket:
     int path
     uint64_t rx_ns
     size_t length
-    uint8_t data[HEADER_LEN + PROBE_MAX_PAYLOAD]
+    uint8_t data[CTRL_ROOM]
     uint64_t reply_to
 
 

@@ -110,7 +110,7 @@ cdef class Receiver:
             if path < 0:
                 self.ctr.unknown_source += 1
                 return
-        if h.ptype == T_HANDSHAKE_INIT or h.ptype == T_HANDSHAKE_RESPONSE:
+        if h.ptype >= T_HANDSHAKE_INIT:  # INIT, RESPONSE, COOKIE: the keying's
             self.control.push(path, p, n, now, self.paths.socks[sock], m)
             return
         kp = self.keyring.find(h.session)
