@@ -19,7 +19,7 @@ The parts (docs/ARCHITECTURE.md describes each), in multitun/fastpath/:
   header codec (header.pxd), the replay window (window.pxd), checksums
   (checksum.pxd), the AEAD (aead.pxd), TSO/USO splitting (segment.pxd), TCP
   coalescing (coalesce.pxd), socket addresses and control messages
-  (addresses.pxd); the constants (constants.pxd) and counters (counters.pxd);
+  (addresses.pxd), the handshake limiter per source (limiter.pxd); the constants (constants.pxd) and counters (counters.pxd);
 - stateful, a ``final`` class each, ``include``d here: the TUN boundary
   (tun.pxi), the keys (keyring.pxi), path I/O (paths.pxi), the control
   queue (control.pxi), the receive direction (receive.pxi) and the engine:
@@ -56,6 +56,7 @@ from .fastpath.coalesce cimport (
 )
 from .fastpath.addresses cimport gro_segment_size, same_addr, sticky_source
 from .fastpath.batch cimport Batch, add_packet, next_packet
+from .fastpath.limiter cimport SourceLimiter, limiter_allow
 
 cdef extern from "<sched.h>" nogil:
     int sched_yield()

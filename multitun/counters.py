@@ -23,6 +23,7 @@ TUNNEL_COUNTERS = {
     "unknown_source": "Data from an address that is not its path's endpoint, dropped",
     "tun_write_errors": "Packets the TUN device refused",
     "control_dropped": "Control packets dropped while the control queue was full",
+    "handshakes_shed": "Handshake messages over their source's rate, dropped before the control plane",
     "session_changes": "Times the peer's session changed (the peer started or restarted)",
     "endpoint_changes": "Times a path's endpoint was learned or moved",
     "auth_failed": "Sealed packets that failed authentication, dropped",

@@ -38,6 +38,8 @@ cdef struct TunnelCounters:
     uint64_t unknown_source
     uint64_t tun_write_errors
     uint64_t control_dropped
+    # Handshake messages over their source's rate (limiter.pxd), dropped.
+    uint64_t handshakes_shed
     uint64_t session_changes
     uint64_t endpoint_changes
     # Sealed mode: failed authentication, and packets of the other mode (a

@@ -48,7 +48,8 @@ cdef class Engine:
         self.tun = Tun(tun_fd, vnet_hdr)
         self.keyring = KeyRing(session, keyed)
         self.control = ControlQueue()
-        self.rx = Receiver(self.tun, self.pathset, self.keyring, self.control)
+        self.rx = Receiver(self.tun, self.pathset, self.keyring, self.control,
+                           int.from_bytes(os.urandom(8), "little"))
         self.tun.ctr = self.pathset.ctr = self.keyring.ctr = self.control.ctr = &self.ctr
         self.rx.ctr = &self.ctr
         self.batch.slots = <uint8_t *>malloc(BATCH * SLOT)

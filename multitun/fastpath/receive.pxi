@@ -16,12 +16,15 @@ cdef class Receiver:
     cdef sockaddr_storage rejected_addr
     # Keys confirmed or a peer session adopted since the engine last looked.
     cdef bint event
+    cdef SourceLimiter handshakes
 
-    def __cinit__(self, Tun tun, Paths paths, KeyRing keyring, ControlQueue control):
+    def __cinit__(self, Tun tun, Paths paths, KeyRing keyring, ControlQueue control,
+                  uint64_t limiter_key):
         self.tun = tun
         self.paths = paths
         self.keyring = keyring
         self.control = control
+        self.handshakes.key = limiter_key
 
     cdef int from_path(self, int sock) noexcept nogil:
         """What path socket sock has queued: checked, delivered, answered or
@@ -111,6 +114,9 @@ cdef class Receiver:
                 self.ctr.unknown_source += 1
                 return
         if h.ptype >= T_HANDSHAKE_INIT:  # INIT, RESPONSE, COOKIE: the keying's
+            if not limiter_allow(&self.handshakes, <sockaddr_storage *>m.msg_name, now):
+                self.ctr.handshakes_shed += 1
+                return
             self.control.push(path, p, n, now, self.paths.socks[sock], m)
             return
         kp = self.keyring.find(h.session)
