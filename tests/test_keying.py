@@ -189,7 +189,10 @@ def test_handshakes_are_rate_limited(ends):
     b.run(0)
     for path, _, datagram, source, reply_to in b.take_control():
         ends.server.on_control(path, datagram, source, reply_to, ends.now)
-    assert ends.server.rejected.rate_limited == 10
+    # From one address, the data plane sheds what is over its rate first
+    # (limiter.pxd); the control plane's own limit takes the rest.
+    shed = b.stats()["handshakes_shed"]
+    assert ends.server.rejected.rate_limited + shed == 10
     assert ends.server.handshakes == keying.HANDSHAKE_BURST
 
 

@@ -2,6 +2,7 @@
 (multitun/lab/engine_pair.py). What arrives is checked against what was sent; what is
 tampered with, cut, replayed or of the other mode never reaches the TUN."""
 
+import contextlib
 import errno
 import os
 import socket
@@ -303,13 +304,62 @@ def test_handshake_messages_go_up_with_where_they_came_from(pair):
     for forged in (0, reply_to + 1, 2**64 - 1):
         with pytest.raises(ValueError):
             b.send_back(forged, b"x")
-    for _ in range(6):
-        for _ in range(50):
-            pair.udp[0].send(init + os.urandom(wire.HANDSHAKE_INIT_LEN - wire.HEADER_LEN))
-        b.run(0)
-        assert len(b.take_control()) == 50
-    with pytest.raises(ValueError):
-        b.send_back(reply_to, b"x")
+    # Many more (a server takes them from anywhere; from 15 loopback
+    # addresses, since one address's are shed past 20): the first token is
+    # too old now.
+    with listening_server() as (server, address):
+        tokens = []
+        for i in range(15):
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+                s.bind((f"127.0.0.{i + 2}", 0))
+                for _ in range(20):
+                    s.sendto(init + os.urandom(wire.HANDSHAKE_INIT_LEN - wire.HEADER_LEN),
+                             address)
+            server.run(0)
+            tokens += [c[4] for c in server.take_control()]
+        assert len(tokens) == 300
+        assert server.send_back(tokens[-1], b"x") == 0
+        with pytest.raises(ValueError):
+            server.send_back(tokens[0], b"x")
+
+
+@contextlib.contextmanager
+def listening_server():
+    """A keyed server engine on a loopback socket, and that socket's address."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM | socket.SOCK_NONBLOCK)
+    tun = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+    try:
+        sock.bind(("127.0.0.1", 0))
+        yield Engine(tun[0].fileno(), [sock.fileno()], True, 0x2000, keyed=True), \
+            sock.getsockname()
+    finally:
+        for s in (sock, *tun):
+            s.close()
+
+
+def test_handshakes_from_one_source_are_shed_past_its_rate():
+    # limiter.pxd: 20 at once from one address, then 10 a second; another
+    # address is not held back by it.
+    init = wire.pack_header(wire.PacketType.HANDSHAKE_INIT, 0, 99, 0, wire.VERSION_SEALED)
+    body = os.urandom(wire.HANDSHAKE_INIT_LEN - wire.HEADER_LEN)
+    with listening_server() as (server, address), \
+            socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as flood, \
+            socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as elsewhere:
+        flood.bind(("127.0.0.1", 0))
+        elsewhere.bind(("127.0.0.9", 0))
+        for _ in range(100):
+            flood.sendto(init + body, address)
+        server.run(0)
+        server.run(0)
+        assert len(server.take_control()) == 20 and server.stats()["handshakes_shed"] == 80
+        elsewhere.sendto(init + body, address)
+        server.run(0)
+        assert len(server.take_control()) == 1
+        time.sleep(0.25)  # two more a while later: 10 a second
+        for _ in range(5):
+            flood.sendto(init + body, address)
+        server.run(0)
+        assert len(server.take_control()) == 2
 
 
 def test_keys_are_checked_on_install(pair):

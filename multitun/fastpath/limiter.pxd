@@ -51,7 +51,7 @@ cdef inline bint limiter_allow(SourceLimiter *l, const sockaddr_storage *from_,
     cdef uint64_t *due = &l.due[(h >> 32) % LIMITER_SLOTS]
     if due[0] < now:
         due[0] = now
-    if due[0] - now > <uint64_t>LIMITER_BURST * LIMITER_INTERVAL_NS:
+    if due[0] - now > <uint64_t>(LIMITER_BURST - 1) * LIMITER_INTERVAL_NS:
         return False
     due[0] += LIMITER_INTERVAL_NS
     return True
