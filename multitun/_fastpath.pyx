@@ -35,7 +35,9 @@ the same inline functions.
 """
 
 cimport cython
-from libc.errno cimport errno, EAGAIN, EINTR, EBADF, EFAULT, EINVAL, EIO, EMSGSIZE, ENOTSOCK
+from libc.errno cimport (
+    errno, EAGAIN, EINTR, EBADF, EFAULT, EINVAL, EIO, EMSGSIZE, ENOENT, ENOTSOCK,
+)
 from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t
 from libc.stdlib cimport malloc, free
 from libc.string cimport memcpy, memset

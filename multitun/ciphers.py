@@ -50,8 +50,11 @@ def aes_instructions(cpuinfo: str | None = None, env: dict | None = None) -> boo
     OPENSSL_ia32cap or OPENSSL_armcap masks them."""
     env = os.environ if env is None else env
     if cpuinfo is None:
-        with open("/proc/cpuinfo") as f:
-            cpuinfo = f.read()
+        try:
+            with open("/proc/cpuinfo") as f:
+                cpuinfo = f.read()
+        except OSError:
+            return False  # not known: ChaCha20-Poly1305 is fast either way
     has = any(line.split(":", 1)[0].strip() in ("flags", "Features")
               and "aes" in line.split(":", 1)[1].split() for line in cpuinfo.splitlines()
               if ":" in line)
@@ -59,12 +62,24 @@ def aes_instructions(cpuinfo: str | None = None, env: dict | None = None) -> boo
     if ia32:
         # A leading '~' masks the bits it names; without, the value replaces
         # the capability vector.
-        bits = int(ia32.lstrip("~"), 0)
+        bits = _number(ia32.lstrip("~"))
         has = has and (not bits & _IA32_AESNI if ia32.startswith("~") else bool(bits & _IA32_AESNI))
     armcap = env.get("OPENSSL_armcap")
     if armcap:
-        has = has and bool(int(armcap, 0) & _ARMV8_AES)
+        has = has and bool(_number(armcap) & _ARMV8_AES)
     return has
+
+
+def _number(text: str) -> int:
+    """A number as OpenSSL reads these variables (strtoul(3) with base 0:
+    0x hex, 0 octal, else decimal); 0 if it is none."""
+    text = text.strip().lower()
+    try:
+        if text.startswith("0x"):
+            return int(text, 16)
+        return int(text, 8) if text.startswith("0") and len(text) > 1 else int(text)
+    except ValueError:
+        return 0
 
 
 def offer(setting: str, has_aes: bool) -> bytes:

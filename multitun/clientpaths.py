@@ -56,9 +56,9 @@ class ClientPath:
 
 
 class ClientPaths:
-    def __init__(self, config: Config, gro: bool) -> None:
+    def __init__(self, config: Config, gro: bool, tun: str) -> None:
         self.config, self.gro = config, gro
-        self.watch = LinkWatch()
+        self.watch = LinkWatch(exclude={tun})
         self.paths: dict[int, ClientPath] = {}
         self.engine: Engine | None = None
         self.states: PathStates | None = None
@@ -100,9 +100,12 @@ class ClientPaths:
             self._follow(self.watch.look())
 
     def reconnect(self) -> None:
-        """Connect the sockets that had no route to the server when made."""
+        """Connect the sockets that had no route to the server when made, and
+        make those that could not be made (the address left again at once)."""
         for p in self.paths.values():
-            if p.sock and not _is_connected(p.sock) and self._connect(p, retry=True):
+            if p.sock is None and p.binding.usable:
+                self._bind(p)
+            elif p.sock and not _is_connected(p.sock) and self._connect(p, retry=True):
                 log.info("%s: connected", p.label)
 
     def local(self, index: int) -> str | None:
@@ -124,18 +127,31 @@ class ClientPaths:
                 wanted[(i, match)] = binding
         for p in list(self.paths.values()):
             if p.match is not None and (p.spec_index, p.match) not in wanted:
-                if p.sock:
-                    self._unbind(p)
-                del self.paths[p.index]
-                if self.states is not None:
-                    self.states.pop(p.index, None)  # a path that comes later starts afresh
-                log.info("%s: interface gone; path removed", p.label,
-                         extra=event("path_removed", path=p.index, interface=p.match))
+                self._remove(p)
         by_key = {(p.spec_index, p.match): p for p in self.paths.values()}
         for key, binding in wanted.items():
-            p = by_key.get(key) or self._new(*key)
+            p = by_key.get(key)
+            # A pattern's match becomes a path once it is usable, and only if
+            # no other entry sends through that interface to that server.
+            if p is None and key[1] is not None and binding.usable and not any(
+                    q.binding.interface == key[1]
+                    and q.spec.remote == self.config.paths[key[0]].remote
+                    for q in self.paths.values()):
+                p = self._new(*key)
             if p is not None:
                 self._move(p, binding)
+
+    def _remove(self, p: ClientPath) -> None:
+        """A pattern's interface went: so does its path, counters and all."""
+        if p.sock:
+            self._unbind(p, forget=True)
+        elif self.engine is not None:
+            self.engine.detach(p.index, forget=True)
+        del self.paths[p.index]
+        if self.states is not None:
+            self.states.pop(p.index, None)  # a path that comes later starts afresh
+        log.info("%s: interface gone; path removed", p.label,
+                 extra=event("path_removed", path=p.index, interface=p.match))
 
     def _new(self, spec_index: int, match: str) -> ClientPath | None:
         free = next((i for i in range(MAX_PATHS) if i not in self.paths), None)
@@ -170,17 +186,28 @@ class ClientPaths:
     def _bind(self, p: ClientPath) -> None:
         b = p.binding
         try:
-            p.sock = open_client_socket(b.address, b.interface, self.gro)
-        except OSError as e:  # gone again already: the next event says so
+            sock = open_client_socket(b.address, b.interface, self.gro)
+        except OSError as e:
+            # Gone again already, most likely: the next event says so, and
+            # housekeeping tries again meanwhile (reconnect()).
             log.warning("%s: cannot bind to %s: %s", p.label, b.address, e.strerror)
+            if self.states is not None:
+                self.states[p.index].health.link_down(time.monotonic_ns())
             return
         if self.engine is not None:
-            self.engine.attach(p.index, p.sock.fileno())
+            try:
+                self.engine.attach(p.index, sock.fileno())
+            except OSError as e:
+                log.warning("%s: %s", p.label, e.strerror)
+                sock.close()
+                return
+        p.sock = sock
+        if self.engine is not None:
             self._connect(p)
 
-    def _unbind(self, p: ClientPath) -> None:
+    def _unbind(self, p: ClientPath, forget: bool = False) -> None:
         if self.engine is not None:
-            self.engine.detach(p.index)
+            self.engine.detach(p.index, forget)
         p.sock.close()
         p.sock = None
 

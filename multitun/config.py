@@ -212,6 +212,9 @@ def parse_paths(text: str) -> tuple[PathSpec, ...]:
         except ConfigError:
             address, interface = None, parse_interface(local, f"path {item!r}")
         spec = PathSpec(address, parse_address(remote, f"path {item!r}"), interface)
+        if spec.local is not None and spec.local.version == 6 and spec.local.is_link_local:
+            raise ConfigError(f"path {item!r}: a link-local address holds no route to a "
+                              f"server; give its interface's name instead")
         if spec.local is not None and spec.local.version != spec.remote.version:
             raise ConfigError(f"path {item!r}: local and server address are not both IPv4 or IPv6")
         if spec in paths:

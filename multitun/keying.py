@@ -157,6 +157,7 @@ class ClientKeying(Keying):
         # The server's latest ticket (none yet: the first handshake takes a cookie).
         self.ticket = tickets.NONE
         self.pending: _Pending | None = None
+        self.earlier: _Pending | None = None
         self.first_attempt: float | None = None
         self.next_unanswered_log = 0.0
 
@@ -193,6 +194,7 @@ class ClientKeying(Keying):
         initiator = Initiator(self.psk, prologue(key_id))
         body = initiator.write_init(self.ticket + ciphers.offer(self.cipher, self.has_aes)
                                     + _RESERVED)
+        self.earlier = self.pending
         self.pending = _Pending(initiator, key_id, now, body[:noise.DHLEN])
         if self.first_attempt is None:
             self.first_attempt = now
@@ -207,11 +209,14 @@ class ClientKeying(Keying):
         """A response or a cookie; True when it completed a handshake (new
         keys in use)."""
         header = wire.peek_header(datagram)
-        pending = self.pending
-        if pending is None or header.session != pending.key_id:
+        # The handshake it answers: the latest, or the one before (on a path
+        # slower than RETRY_S the answer comes after the retry).
+        pending = next((p for p in (self.pending, self.earlier)
+                        if p is not None and p.key_id == header.session), None)
+        if pending is None:
             return False  # a copy from a slower path, or one we gave up on
         if header.type == wire.PacketType.HANDSHAKE_COOKIE:
-            return self._on_cookie(datagram, source, now)
+            return self._on_cookie(pending, datagram, source, now)
         try:
             payload = pending.initiator.read_response(datagram[wire.HEADER_LEN:])
         except HandshakeError:
@@ -226,10 +231,18 @@ class ClientKeying(Keying):
                               "passes until both ends take the same (or auto)",
                               self.cipher, e.theirs)
             return False
+        except ValueError:  # a cipher this version does not know (a newer server)
+            self._log_refusal(now, "the server chose cipher %d, which this multitun does "
+                              "not know", payload[0])
+            return False
+        if self.cipher != ciphers.AUTO and cipher != ciphers.CIPHERS[self.cipher]:
+            self._log_refusal(now, "the server chose %s although this end insists on %s",
+                              ciphers.NAMES[cipher], self.cipher)
+            return False
         send, receive = pending.initiator.keys()
         self.engine.install_keys(pending.key_id, send, receive, True, cipher)
         self.handshakes += 1
-        self.pending = self.first_attempt = None
+        self.pending = self.earlier = self.first_attempt = None
         log.log(logging.INFO if self.handshakes == 1 else logging.DEBUG,
                 "handshake %08x complete on path %d: %s", pending.key_id, path,
                 ciphers.NAMES[cipher],
@@ -238,16 +251,17 @@ class ClientKeying(Keying):
         return True
 
 
-    def _on_cookie(self, datagram: bytes, source: tuple | None, now: float) -> bool:
+    def _on_cookie(self, pending: _Pending, datagram: bytes, source: tuple | None,
+                   now: float) -> bool:
         """The server wants a fresh ticket in our first message: here it is;
         a new first message goes at once."""
-        ticket = tickets.open_cookie(self.psk, self.pending.ephemeral,
+        ticket = tickets.open_cookie(self.psk, pending.ephemeral,
                                      datagram[:wire.HEADER_LEN], datagram[wire.HEADER_LEN:])
         if ticket is None:
             self._refuse("auth_failed", source)
             return False
         self.ticket = ticket
-        log.debug("handshake %08x: a new ticket from the server", self.pending.key_id)
+        log.debug("handshake %08x: a new ticket from the server", pending.key_id)
         self._initiate(now)
         return False
 

@@ -12,9 +12,10 @@ paths to match. Nothing polls.
 
 from __future__ import annotations
 
+import errno
 import fnmatch
 import ipaddress
-import select
+import socket
 from dataclasses import dataclass
 
 from pyroute2 import IPRoute
@@ -24,7 +25,10 @@ from .config import IPAddress, PathSpec
 
 # <linux/if.h>, <linux/if_addr.h>
 IFF_UP = 0x1
+IFF_LOOPBACK = 0x8
+IFA_F_TEMPORARY = 0x01
 IFA_F_DADFAILED = 0x08
+IFA_F_DEPRECATED = 0x20
 IFA_F_TENTATIVE = 0x40
 # IFLA_OPERSTATE (Documentation/networking/operstates.rst): a link that can
 # carry packets is "UP", or "UNKNOWN" for drivers that do not say (tun, lo).
@@ -40,6 +44,7 @@ class Interface:
     name: str
     up: bool
     addresses: tuple[IPAddress, ...]
+    loopback: bool = False
 
 
 @dataclass(frozen=True)
@@ -59,27 +64,35 @@ class Binding:
 
 def interfaces(ipr: IPRoute) -> dict[str, Interface]:
     """Every interface, whether its link carries packets, and the addresses
-    a socket can bind to now (not tentative nor failed duplicate detection)."""
-    addresses: dict[int, list[IPAddress]] = {}
+    a socket can bind to now: not tentative, not failed duplicate detection,
+    not deprecated; an IPv6 privacy (temporary) address only after the
+    stable ones, so that their rotation does not move the path."""
+    addresses: dict[int, list[tuple[bool, IPAddress]]] = {}
     for msg in ipr.get_addr():
         flags = msg.get("IFA_FLAGS", msg["flags"])
-        if flags & (IFA_F_TENTATIVE | IFA_F_DADFAILED) or msg["scope"] == SCOPE_LINK:
+        if flags & (IFA_F_TENTATIVE | IFA_F_DADFAILED | IFA_F_DEPRECATED) \
+                or msg["scope"] == SCOPE_LINK:
             continue
         text = msg.get("IFA_LOCAL") or msg.get("IFA_ADDRESS")
         if text:
-            addresses.setdefault(msg["index"], []).append(ipaddress.ip_address(text))
+            addresses.setdefault(msg["index"], []).append(
+                (bool(flags & IFA_F_TEMPORARY), ipaddress.ip_address(text)))
     out = {}
     for link in ipr.get_links():
         name = link.get("IFLA_IFNAME")
         up = bool(link["flags"] & IFF_UP) and link.get("IFLA_OPERSTATE") in CARRYING
-        out[name] = Interface(link["index"], name, up, tuple(addresses.get(link["index"], ())))
+        held = sorted(addresses.get(link["index"], ()), key=lambda a: a[0])  # stable first
+        out[name] = Interface(link["index"], name, up, tuple(a for _, a in held),
+                              bool(link["flags"] & IFF_LOOPBACK))
     return out
 
 
 def resolve(spec: PathSpec, found: dict[str, Interface]) -> dict[str | None, Binding]:
     """What ``spec`` stands for now. An address or a name: one binding (key
-    None), waiting if nothing holds it. A pattern: one per matching interface
-    that is up with an address of the server's family, keyed by its name."""
+    None), waiting if nothing holds it. A pattern: one per matching interface,
+    keyed by its name (clientpaths.py makes a path of one only once it is up
+    with an address of the server's family, and removes it only when the
+    interface goes)."""
     if spec.local is not None:
         holder = next((i for i in found.values() if spec.local in i.addresses), None)
         return {None: Binding(holder.name, holder.index, spec.local, holder.up) if holder
@@ -89,12 +102,10 @@ def resolve(spec: PathSpec, found: dict[str, Interface]) -> dict[str | None, Bin
         address = _address(iface, spec.remote.version) if iface else None
         return {None: Binding(spec.interface, iface.index, address, iface.up) if iface
                 else Binding()}
-    out = {}
-    for iface in sorted(found.values(), key=lambda i: i.index):
-        address = _address(iface, spec.remote.version)
-        if fnmatch.fnmatchcase(iface.name, spec.interface) and iface.up and address:
-            out[iface.name] = Binding(iface.name, iface.index, address, True)
-    return out
+    return {iface.name: Binding(iface.name, iface.index, _address(iface, spec.remote.version),
+                                iface.up)
+            for iface in sorted(found.values(), key=lambda i: i.index)
+            if fnmatch.fnmatchcase(iface.name, spec.interface)}
 
 
 def _address(iface: Interface, version: int) -> IPAddress | None:
@@ -103,30 +114,45 @@ def _address(iface: Interface, version: int) -> IPAddress | None:
 
 
 class LinkWatch:
-    """rtnetlink's link and address events, as an fd to wake on."""
+    """rtnetlink's link and address events, as an fd to wake on.
 
-    def __init__(self) -> None:
-        self.events = IPRoute()
-        self.events.bind(groups=RTMGRP_LINK | RTMGRP_IPV4_IFADDR | RTMGRP_IPV6_IFADDR)
+    The events are only a wake-up: look() dumps the interfaces afresh through
+    pyroute2. They arrive on a plain netlink socket of our own, drained
+    without blocking: pyroute2's event socket reads in an event loop of its
+    own, buffers what we do not take, and stays broken after one ENOBUFS (a
+    burst of events overflowing it), which here must only mean "something
+    changed" (netlink(7))."""
+
+    def __init__(self, exclude: set[str] = frozenset()) -> None:
+        self.exclude = exclude
+        self.events = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_NONBLOCK
+                                    | socket.SOCK_CLOEXEC, socket.NETLINK_ROUTE)
+        self.events.bind((0, RTMGRP_LINK | RTMGRP_IPV4_IFADDR | RTMGRP_IPV6_IFADDR))
         self.query = IPRoute()
 
     def fileno(self) -> int:
         return self.events.fileno()
 
     def changed(self) -> bool:
-        """Whether events came since the last call; takes them without
-        waiting. What they say is not needed: look() sees their result."""
+        """Whether events came since the last call; takes them all, never
+        waiting."""
         got = False
-        while select.select([self.events], [], [], 0)[0]:
+        while True:
             try:
-                self.events.get()
-            except OSError:  # ENOBUFS: events were lost, so something changed
-                pass
+                self.events.recv(65536)
+            except BlockingIOError:
+                return got
+            except OSError as e:
+                if e.errno != errno.ENOBUFS:
+                    raise
             got = True
-        return got
 
     def look(self) -> dict[str, Interface]:
-        return interfaces(self.query)
+        """The interfaces a path may use: not loopback, not the ones excluded
+        (the tunnel's own TUN device: a path through it would carry the
+        tunnel inside itself)."""
+        return {name: i for name, i in interfaces(self.query).items()
+                if name not in self.exclude and not i.loopback}
 
     def close(self) -> None:
         self.events.close()

@@ -33,9 +33,10 @@ class ClientRole:
     def __init__(self, config: Config) -> None:
         self.config = config
 
-    def open_sockets(self, gro: bool) -> list[int]:
-        """The paths' sockets' fds now, by path (-1: waiting for its interface)."""
-        self.paths = ClientPaths(self.config, gro)
+    def open_sockets(self, gro: bool, tun: str) -> list[int]:
+        """The paths' sockets' fds now, by path (-1: waiting for its interface).
+        ``tun``: the tunnel's own device, never a path."""
+        self.paths = ClientPaths(self.config, gro, tun)
         return self.paths.open()
 
     def wake_fds(self) -> tuple[int, ...]:
@@ -81,7 +82,7 @@ class ServerRole:
         self.timeout_ns = int(config.timeout * 1e9)
         self.seen_key_changes = 0
 
-    def open_sockets(self, gro: bool) -> list[int]:
+    def open_sockets(self, gro: bool, tun: str) -> list[int]:
         self.sock = open_server_socket(self.config.server_listen, self.config.port, gro)
         return [self.sock.fileno()]
 

@@ -81,7 +81,7 @@ class Tunnel:
             self.status = StatusServer(device.name)
             stack.callback(self.status.close)
             gso, gro = kernel_offloads() if cfg.offload else (False, False)
-            socks = role.open_sockets(gro)
+            socks = role.open_sockets(gro, device.name)
             stack.callback(role.close)
             self.engine = Engine(
                 device.fd, socks, role.server, new_session(), (wake_fd, *role.wake_fds()),

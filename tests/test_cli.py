@@ -117,6 +117,7 @@ BAD = [
     ("-l 10.42.42.2 -c wwan[0-:192.0.2.1", "'[' that is never closed"),
     ("-l 10.42.42.2 -c wwan0:wwan1", "'wwan1' is not an IP address"),
     ("-l 10.42.42.2 -c wwan0:192.0.2.1,wwan0:192.0.2.1", "given twice"),
+    ("-l 10.42.42.2 -c [fe80::2]:[2001:db8::1]", "give its interface's name instead"),
     ("-l 10.42.42.2 -c [2001:db8::2]:192.0.2.1", "not both IPv4 or IPv6"),
     ("-l 10.42.42.2 -c [2001:db8::2:[2001:db8::1]", "expected [local]:[server]"),
     ("-l 10.42.42.2 -c 192.0.2.2:192.0.2.1,192.0.2.2:192.0.2.1", "given twice"),

@@ -54,10 +54,15 @@ def test_a_name_takes_the_address_of_the_servers_family():
     assert resolve(PathSpec(None, v4, "wwan9"), FOUND) == {None: Binding()}
 
 
-def test_a_pattern_takes_every_match_that_is_up_with_an_address():
+def test_a_pattern_stands_for_every_match():
+    # Every matching interface, usable or not: a path is made of one only once
+    # it is up with an address, and kept while it exists (clientpaths.py).
     paths = resolve(PathSpec(None, ip("192.0.2.1"), "wwan*"), FOUND)
-    assert list(paths) == ["wwan0"]  # wwan1 is down, wwan2 has no address
-    assert set(resolve(PathSpec(None, ip("2001:db8::1"), "w*"), FOUND)) == {"wwan0", "wlan0"}
+    assert list(paths) == ["wwan0", "wwan1", "wwan2"]
+    assert [b.usable for b in paths.values()] == [True, False, False]  # down; no address
+    usable = {n for n, b in resolve(PathSpec(None, ip("2001:db8::1"), "w*"), FOUND).items()
+              if b.usable}
+    assert usable == {"wwan0", "wlan0"}
     assert resolve(PathSpec(None, ip("192.0.2.1"), "eth[0-9]"), FOUND) == {}
 
 
@@ -246,6 +251,11 @@ def test_a_pattern_takes_interfaces_as_they_come_and_go(tmp_path):
             _, st = wait_for(bed, bed.server, lambda st: (path(st, "path1") or {}).get(
                 "rx_packets", 0) > 50, 2)  # it carries the stream too
             assert path(st, "path1")["remote"].startswith(p1.client_ip + ":")
+            # Its link going down keeps the path (a flap is not a removal).
+            bed.set_link(bed.client, "c1", False)
+            wait_for(bed, bed.client, lambda st: (path(st, "path1") or {}).get("link") == "down", 1)
+            bed.set_link(bed.client, "c1", True)
+            wait_for(bed, bed.client, lambda st: (path(st, "path1") or {}).get("state") == "up", 3)
             time.sleep(0.5)
             bed.unplug(1)
             wait_for(bed, bed.client, lambda st: path(st, "path1") is None, 1)

@@ -76,9 +76,9 @@ cdef class Engine:
 
     cdef _unwatch(self, int path):
         # epoll_ctl(2): a closed fd leaves its epoll set by itself, but the
-        # caller closes the old socket only after this.
+        # caller closes the old socket only after this. ENOENT: not watched.
         cdef int fd = self.pathset.socks[path] if 0 <= path < MAX_PATHS else -1
-        if fd >= 0 and epoll_ctl(self.epfd, EPOLL_CTL_DEL, fd, NULL) < 0:
+        if fd >= 0 and epoll_ctl(self.epfd, EPOLL_CTL_DEL, fd, NULL) < 0 and errno != ENOENT:
             raise OSError(errno, os.strerror(errno))
 
     def __dealloc__(self):
@@ -262,17 +262,24 @@ cdef class Engine:
         on (its interface's address changed, or it came back): as a new
         path, with what it counted kept. Close the socket before only after
         this; call set_remote() next."""
-        if not 0 <= path < MAX_PATHS or fd < 0:
+        if self.pathset.server or not 0 <= path < MAX_PATHS or fd < 0:
             raise ValueError(f"no client path {path}, or no socket")
         self._unwatch(path)
-        self.pathset.attach(path, fd)
+        self.pathset.attach(path, -1)
         self._watch(fd, path)
+        self.pathset.attach(path, fd)
 
-    def detach(self, int path):
+    def detach(self, int path, bint forget=False):
         """Client: path ``path`` has no socket now (its link is down or its
-        interface gone): nothing is sent on it until attach()."""
+        interface gone): nothing is sent on it until attach(). ``forget``:
+        the path is gone for good, and what it counted with it (a path that
+        takes its number later starts from zero)."""
+        if self.pathset.server or not 0 <= path < MAX_PATHS:
+            raise ValueError(f"no client path {path}")
         self._unwatch(path)
         self.pathset.attach(path, -1)
+        if forget:
+            memset(&self.pathset.eps[path].c, 0, sizeof(PathCounters))
 
     def forget(self, int path):
         """Stop sending to a server-side endpoint (it was silent too long)."""

@@ -10,7 +10,8 @@ from libc.string cimport memcpy
 from ..includes.linux cimport AF_INET, AF_INET6, sockaddr_in, sockaddr_in6, sockaddr_storage
 
 cdef enum:
-    LIMITER_SLOTS = 1024
+    LIMITER_SLOT_BITS = 10
+    LIMITER_SLOTS = 1 << LIMITER_SLOT_BITS
     # Per source: 10 a second, 20 at once (a client's first message goes on
     # each of its paths, and again after a cookie).
     LIMITER_INTERVAL_NS = 100000000
@@ -47,8 +48,10 @@ cdef inline uint64_t source_of(const sockaddr_storage *a) noexcept nogil:
 cdef inline bint limiter_allow(SourceLimiter *l, const sockaddr_storage *from_,
                                uint64_t now) noexcept nogil:
     """Whether this source may send one more now (and count it if so)."""
+    # Fibonacci hashing (Knuth, TAOCP 6.4): the product's top bits depend on
+    # every bit of the source; its low ones only on the source's low ones.
     cdef uint64_t h = (source_of(from_) ^ l.key) * 0x9E3779B97F4A7C15ULL
-    cdef uint64_t *due = &l.due[(h >> 32) % LIMITER_SLOTS]
+    cdef uint64_t *due = &l.due[h >> (64 - LIMITER_SLOT_BITS)]
     if due[0] < now:
         due[0] = now
     if due[0] - now > <uint64_t>(LIMITER_BURST - 1) * LIMITER_INTERVAL_NS:
