@@ -302,7 +302,10 @@ def test_a_handshake_flood_from_elsewhere_slows_nothing(bed, tmp_path):
             sent = int(flood.communicate(timeout=30)[0])
         assert None not in idle and None not in during, during
         added_ms = (statistics.median(during) - statistics.median(idle)) * 1e3
-        assert added_ms < 1.0, (statistics.median(idle), statistics.median(during))
         st = status_json(bed, bed.server)
+        print(f"\nflood of {sent} first messages: ping median {statistics.median(idle) * 1e3:.3f}"
+              f" ms idle, {statistics.median(during) * 1e3:.3f} ms during; "
+              f"{st['tunnel']['handshakes_shed']} shed")
+        assert added_ms < 1.0, (statistics.median(idle), statistics.median(during))
         assert sent > 50_000 and st["tunnel"]["handshakes_shed"] > sent // 2
         assert pair.server.poll() is None
