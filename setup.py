@@ -48,7 +48,7 @@ class build_py_with_man_page(build_py):
 
 
 # The data plane, and its stateless parts callable for tests (multitun._testing).
-# AES-256-GCM for sealed packets comes from OpenSSL's libcrypto.
+# The AEADs for sealed packets (AES-256-GCM, ChaCha20-Poly1305) come from OpenSSL's libcrypto.
 extensions = [
     Extension(
         name, [source],

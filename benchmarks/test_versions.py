@@ -15,8 +15,6 @@ other's over this one's, so that above 1 is better everywhere).
 
 import statistics
 
-import pytest
-
 from multitun.keyfile import generate_key
 from multitun.lab import Bed, TUN_SERVER, TunnelPair, ping_interleaved, tcp_throughput, udp_flood
 

@@ -2,6 +2,7 @@
 
 - ``bed``: a client and a server network namespace joined by up to three paths,
   each a veth pair or an emulated link (multitun.lab.emulator), always torn down;
+  paths can be plugged in and pulled out while it runs (a modem);
 - ``tunnel_pair``: a multitun server and client (or another tunnel) across a bed;
 - ``traffic``: ping, UDP streams and floods, one-way latency probes, TCP
   transfers (iperf3 when installed), and percentiles of what they measured;
