@@ -233,8 +233,6 @@ def _what_changed(old: Binding, new: Binding, by_address: bool) -> str:
                     f"address {old.address} -> {new.address}")
     if new.index and new.up != old.up:
         said.append("link up" if new.up else "link down")
-    if not new.address and new.index == old.index == 0:
-        return ""
     if not new.usable:
         said.append("waiting for it")
     return ", ".join(said)
