@@ -19,11 +19,14 @@ The parts (docs/ARCHITECTURE.md describes each), in multitun/fastpath/:
   header codec (header.pxd), the replay window (window.pxd), checksums
   (checksum.pxd), the AEAD (aead.pxd), TSO/USO splitting (segment.pxd), TCP
   coalescing (coalesce.pxd), socket addresses and control messages
-  (addresses.pxd), the handshake limiter per source (limiter.pxd); the constants (constants.pxd) and counters (counters.pxd);
+  (addresses.pxd), the handshake limiter per source (limiter.pxd), a paced
+  path's flow queue with CoDel (flowqueue.pxd); the constants
+  (constants.pxd) and counters (counters.pxd);
 - stateful, a ``final`` class each, ``include``d here: the TUN boundary
   (tun.pxi), the keys (keyring.pxi), path I/O (paths.pxi), the control
-  queue (control.pxi), the receive direction (receive.pxi) and the engine:
-  the loop and the send direction (engine.pxi).
+  queue (control.pxi), the receive direction (receive.pxi), the paced
+  paths and their queues (shaper.pxi) and the engine: the loop and the send
+  direction (engine.pxi).
 
 Why ``include`` and ``final``: the per-packet path crosses every part, and
 it must inline. Included, the parts are one C file, so the compiler sees
@@ -59,6 +62,10 @@ from .fastpath.coalesce cimport (
 from .fastpath.addresses cimport gro_segment_size, same_addr, sticky_source
 from .fastpath.batch cimport Batch, add_packet, next_packet
 from .fastpath.limiter cimport SourceLimiter, limiter_allow
+from .fastpath.flowqueue cimport (
+    FlowQueue, QPacket, fq_clear, fq_dequeue, fq_enqueue, fq_flow_of, fq_head_sojourn, fq_init,
+    qpacket_data,
+)
 
 cdef extern from "<sched.h>" nogil:
     int sched_yield()
@@ -71,6 +78,7 @@ include "fastpath/keyring.pxi"
 include "fastpath/paths.pxi"
 include "fastpath/control.pxi"
 include "fastpath/receive.pxi"
+include "fastpath/shaper.pxi"
 include "fastpath/engine.pxi"
 
 
@@ -84,6 +92,7 @@ CONSTANTS = {
     "T_HANDSHAKE_INIT": T_HANDSHAKE_INIT, "T_HANDSHAKE_RESPONSE": T_HANDSHAKE_RESPONSE,
     "T_HANDSHAKE_COOKIE": T_HANDSHAKE_COOKIE, "TICKET_LEN": TICKET_LEN,
     "PROBE_MIN_PAYLOAD": PROBE_MIN_PAYLOAD, "PROBE_MAX_PAYLOAD": PROBE_MAX_PAYLOAD,
+    "PROBE_FEEDBACK_PAYLOAD": PROBE_FEEDBACK_PAYLOAD,
     "KEY_LEN": KEY_LEN, "TAG_LEN": TAG_LEN,
     "HANDSHAKE_INIT_LEN": HANDSHAKE_INIT_LEN, "HANDSHAKE_RESPONSE_LEN": HANDSHAKE_RESPONSE_LEN,
     "HANDSHAKE_COOKIE_LEN": HANDSHAKE_COOKIE_LEN,

@@ -24,9 +24,9 @@ else:  # pragma: no cover
 from . import ciphers
 from ._version import __version__
 from .config import (
-    DEFAULT_DEV, DEFAULT_DOWN_AFTER, DEFAULT_PORT, DEFAULT_PROBE_INTERVAL, DEFAULT_TIMEOUT,
-    MAX_MTU, Config, parse_address, parse_hostport, parse_int, parse_paths, parse_port,
-    parse_tun_address,
+    DEFAULT_DEV, DEFAULT_DOWN_AFTER, DEFAULT_PORT, DEFAULT_PROBE_INTERVAL,
+    DEFAULT_QUEUE_TARGET_MS, DEFAULT_TIMEOUT, MAX_MTU, Config, parse_address, parse_hostport,
+    parse_int, parse_paths, parse_port, parse_queue_target, parse_rate_cap, parse_tun_address,
 )
 from .errors import ConfigError, SetupError
 from .keyfile import load_key
@@ -167,6 +167,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--down-after", type=_checked(_seconds), metavar="SECONDS",
                    help=f"a path is down when no probe was answered for this long "
                         f"(default {DEFAULT_DOWN_AFTER:g}, or 3 probe intervals if longer)")
+    p.add_argument("--queue-target", dest="queue_target_ms", type=_checked(parse_queue_target),
+                   default=DEFAULT_QUEUE_TARGET_MS, metavar="MS",
+                   help=f"the queueing delay a path's bottleneck may build before the path is "
+                        f"paced below what it delivers; a paced path's copy is dropped as "
+                        f"stale once it would arrive this much later than by the fastest "
+                        f"other path (default {DEFAULT_QUEUE_TARGET_MS:g})")
+    p.add_argument("--rate", dest="rate_caps", action="append", type=_checked(parse_rate_cap),
+                   metavar="PATH=RATE",
+                   help="never send faster than RATE bit/s on path PATH (its index, as "
+                        "`multitun status` shows it), e.g. 1=6M for a metered modem; "
+                        "may be given for several paths")
     p.add_argument("--metrics", type=_checked(parse_hostport), metavar="HOST:PORT",
                    help="serve Prometheus metrics on http://HOST:PORT/metrics "
                         "(needs the 'metrics' extra: prometheus-client)")
@@ -271,6 +282,8 @@ def config_from_args(args: argparse.Namespace) -> Config:
         metrics=args.metrics,
         key=args.key_file,
         cipher=args.cipher,
+        queue_target_ms=args.queue_target_ms,
+        rate_caps=tuple(args.rate_caps or ()),
     ).check()
 
 

@@ -19,6 +19,16 @@ DEFAULT_PORT = 5678
 DEFAULT_TIMEOUT = 20.0
 DEFAULT_PROBE_INTERVAL = 0.1
 DEFAULT_DOWN_AFTER = 0.5
+# --queue-target: the queueing delay a paced path's bottleneck may hold
+# (multitun/capacity.py). A paced path's queued copy is stale once it would
+# arrive this many targets later than by the fastest other path: late enough
+# to be of no use to real-time traffic, while a copy that lost only the
+# paths' difference in delay still covers for a loss on the faster path.
+DEFAULT_QUEUE_TARGET_MS = 15.0
+STALE_MARGIN_TARGETS = 4
+MAX_QUEUE_TARGET_MS = 1000.0
+# --rate: no cap below this (bit/s); a path slower than that is not a path.
+MIN_RATE_CAP = 128_000
 # --low-latency polls this long after each packet unless --busy-poll says
 # otherwise (measured on the two-path bed: about 5 us off the median round
 # trip, on top of PM QoS, at 1 ms between packets).
@@ -78,6 +88,9 @@ class Config:
     key: bytes | None = field(default=None, repr=False)
     # --cipher: "auto" or a cipher's name (multitun/ciphers.py).
     cipher: str = "auto"
+    queue_target_ms: float = DEFAULT_QUEUE_TARGET_MS
+    # --rate: (path index, bit/s) caps.
+    rate_caps: tuple[tuple[int, int], ...] = ()
 
     @property
     def is_server(self) -> bool:
@@ -116,6 +129,10 @@ class Config:
             return self.down_after
         return max(DEFAULT_DOWN_AFTER, 3 * self.probe_interval)
 
+    @property
+    def stale_margin_ms(self) -> float:
+        return STALE_MARGIN_TARGETS * self.queue_target_ms
+
     def check(self) -> Config:
         if self.server_listen is not None and self.paths:
             raise ConfigError("give either -s (server) or -c (client), not both")
@@ -137,6 +154,10 @@ class Config:
         if self.cipher != "auto" and self.key is None:
             raise ConfigError(f"--cipher {self.cipher} needs --key-file: without a key "
                               f"nothing is sealed")
+        capped = [path for path, _ in self.rate_caps]
+        for path in capped:
+            if capped.count(path) > 1:
+                raise ConfigError(f"--rate: path {path} is given more than one rate")
         mtu = self.effective_mtu
         if self.key is not None and mtu + wire.HEADER_LEN + wire.TAG_LEN > wire.MAX_DATAGRAM:
             raise ConfigError(
@@ -190,6 +211,41 @@ def parse_int(text: str, low: int, high: int, what: str = "") -> int:
 
 def parse_port(text: str) -> int:
     return parse_int(text, 1, 65535, "port")
+
+
+def parse_queue_target(text: str) -> float:
+    """Milliseconds, more than 0 and at most MAX_QUEUE_TARGET_MS."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise ConfigError(f"queue target: {text!r} is not a number of milliseconds") from None
+    if not 0 < value <= MAX_QUEUE_TARGET_MS:
+        raise ConfigError(f"queue target: {text!r} must be more than 0 and at most "
+                          f"{MAX_QUEUE_TARGET_MS:g} ms")
+    return value
+
+
+_RATE_UNITS = {"": 1, "k": 1_000, "m": 1_000_000, "g": 1_000_000_000}
+
+
+def parse_rate_cap(text: str) -> tuple[int, int]:
+    """``PATH=RATE``: path index (as `multitun status` numbers them) and bit/s,
+    with an optional k, M or G (``1=6M``, ``0=500k``)."""
+    path, eq, rate = text.partition("=")
+    if not eq:
+        raise ConfigError(f"rate: {text!r}: expected PATH=RATE (e.g. 1=6M)")
+    index = parse_int(path.strip(), 0, wire.MAX_PATHS - 1, f"rate {text!r}: path")
+    rate = rate.strip()
+    unit = rate[-1:].lower() if rate[-1:].isalpha() else ""
+    try:
+        bits = float(rate[:len(rate) - len(unit)]) * _RATE_UNITS[unit]
+    except (KeyError, ValueError):
+        raise ConfigError(f"rate {text!r}: {rate!r} is not a rate in bit/s "
+                          f"(a number, optionally with k, M or G)") from None
+    if not MIN_RATE_CAP <= bits < 1e12:
+        raise ConfigError(f"rate {text!r}: must be at least {MIN_RATE_CAP // 1000} kbit/s "
+                          f"and below 1 Tbit/s")
+    return index, int(bits)
 
 
 def parse_hostport(text: str) -> tuple[str, int]:

@@ -48,6 +48,9 @@ PATH_COUNTERS = {
     "send_dropped": "Datagrams dropped because the path's socket buffer was full",
     "recv_errors": "Errors reported when receiving on the path",
     "gso_fallbacks": "UDP GSO trains the path refused (it then sends datagrams one by one)",
+    "aqm_dropped": "Datagrams the paced path's own queue dropped (CoDel, or over its limit)",
+    "stale_dropped": "Copies dropped from the paced path's queue as stale: another path "
+                     "would deliver the packet sooner",
 }
 
 HANDSHAKE_COUNTERS = {

@@ -60,6 +60,11 @@ class PathHealth:
         self.last_answer_ns = now_ns
         return self._set(State.UP, now_ns)
 
+    def answering(self, now_ns: int) -> bool:
+        """Up, and answered lately (within half the time after which a probe
+        counts as lost): what it says of its delay holds now."""
+        return self.state is State.UP and now_ns - self.last_answer_ns < self.lost_after_ns // 2
+
     def tick(self, now_ns: int) -> bool:
         """Age unanswered probes; True if the path just went down."""
         for seq, (sent, answered) in list(self._pending.items()):

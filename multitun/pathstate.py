@@ -1,11 +1,12 @@
 """What the control plane keeps about each path, beside the engine's counters:
-its health from probes and what the log already said about it (so that each
-change is logged once, and send errors as a summary)."""
+its health and capacity from probes, and what the log already said about it
+(so that each change is logged once, and send errors as a summary)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+from .capacity import PathCapacity
 from .config import Config
 from .health import LOST_AFTER_INTERVALS, PathHealth
 
@@ -13,6 +14,7 @@ from .health import LOST_AFTER_INTERVALS, PathHealth
 @dataclass
 class PathState:
     health: PathHealth
+    capacity: PathCapacity
     # The peer endpoint last logged (a server logs each one it learns).
     logged_remote: tuple | None = None
     # The path's send_errors counter when its errors were last summarised.
@@ -23,8 +25,10 @@ class PathState:
 
     def forget_endpoint(self) -> None:
         """The path's endpoint is gone: the next one starts with fresh health
-        (down until it answers) and is logged when learned."""
+        (down until it answers) and capacity (another network, perhaps), and
+        is logged when learned."""
         self.health = PathHealth(self.health.down_after_ns, self.health.lost_after_ns)
+        self.capacity = PathCapacity(self.capacity.target_ns, self.capacity.cap)
         self.logged_remote = None
 
 
@@ -35,7 +39,11 @@ class PathStates(dict[int, PathState]):
         super().__init__()
         self.down_after_ns = int(config.effective_down_after * 1e9)
         self.lost_after_ns = LOST_AFTER_INTERVALS * int(config.probe_interval * 1e9)
+        self.queue_target_ns = int(config.queue_target_ms * 1e6)
+        # --rate caps, bytes/s by path.
+        self.caps = {path: bits // 8 for path, bits in config.rate_caps}
 
     def __missing__(self, path: int) -> PathState:
-        state = self[path] = PathState(PathHealth(self.down_after_ns, self.lost_after_ns))
+        state = self[path] = PathState(PathHealth(self.down_after_ns, self.lost_after_ns),
+                                       PathCapacity(self.queue_target_ns, self.caps.get(path)))
         return state

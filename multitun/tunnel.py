@@ -86,7 +86,7 @@ class Tunnel:
             self.engine = Engine(
                 device.fd, socks, role.server, new_session(), (wake_fd, *role.wake_fds()),
                 gso=gso, busy_poll_us=cfg.effective_busy_poll_us, keyed=cfg.key is not None,
-                vnet_hdr=device.vnet_hdr)
+                vnet_hdr=device.vnet_hdr, stale_margin_us=int(cfg.stale_margin_ms * 1000))
             if cfg.key is not None:
                 self.keying = role.keying(self.engine, cfg.key, cfg.cipher)
             role.start(self.engine, self.states)
@@ -268,12 +268,14 @@ class Tunnel:
                 log.warning("path %d down: no probe answered for %.1fs", i,
                             (now_ns - state.health.last_answer_ns) / 1e9,
                             extra=event("path_down", path=i))
+            self._shape(i, now_ns)
         for p in engine.paths():
             if p["active"]:
                 i = p["path"]
                 # ENOKEY: sealed, and no handshake yet; nothing was sent.
                 if engine.send_probe(i, self.probe_seq, now_ns) != errno.ENOKEY:
                     self.states[i].health.sent(self.probe_seq, now_ns)
+                    self.states[i].capacity.sent(self.probe_seq, now_ns)
 
     def _on_control(self, path: int, rx_ns: int, datagram: bytes, source: tuple | None,
                     reply_to: object) -> None:
@@ -287,9 +289,22 @@ class Tunnel:
         timestamp_ns, number = wire.probe_payload(datagram)
         rtt_ns = rx_ns - timestamp_ns
         log.debug("path %d: probe %d answered in %.0f us", path, number, rtt_ns / 1000)
-        if self.states[path].health.answered(number, rtt_ns, rx_ns):
+        state = self.states[path]
+        if state.health.answered(number, rtt_ns, rx_ns):
             log.info("path %d up: round trip %.3f ms", path, rtt_ns / 1e6,
                      extra=event("path_up", path=path, rtt_ms=round(rtt_ns / 1e6, 3)))
+        feedback = wire.probe_feedback(datagram)
+        if feedback is not None:
+            state.capacity.feedback(number, rtt_ns, *feedback, held=self.engine.held(path))
+        self._shape(path, rx_ns)
+
+    def _shape(self, path: int, now_ns: int) -> None:
+        """Tell the engine how to pace the path, and its delay: none unless
+        it answers now, for a path that went silent must be nobody's reason
+        to drop a copy as stale (at every probe, so within a few intervals)."""
+        state = self.states[path]
+        delay = state.capacity.delay_ns if state.health.answering(now_ns) else 0
+        self.engine.shape(path, state.capacity.pacing_rate, delay)
 
     def _housekeeping(self, now: float) -> None:
         paths = self.engine.paths()

@@ -36,6 +36,10 @@ MAX_PATHS = 16
 # amplification).
 PROBE_MIN_PAYLOAD = 16
 PROBE_MAX_PAYLOAD = 64
+# A probe this long leaves room for feedback, which the peer's reply fills
+# in: when the peer received the probe (its CLOCK_MONOTONIC) and the bytes it
+# has received on the path. A peer from before feedback echoes the zeros.
+PROBE_FEEDBACK_PAYLOAD = 32
 # Version 2 handshake messages (multitun/keying.py): an ephemeral public key
 # and, sealed, a ticket, the cipher offer (multitun/ciphers.py) and 8 reserved
 # bytes; an ephemeral public key and, sealed, the cipher choice and a new
@@ -49,6 +53,7 @@ HANDSHAKE_COOKIE_LEN = HEADER_LEN + NONCE_LEN + TICKET_LEN + TAG_LEN
 
 _HEADER = struct.Struct("!BBBBIQ")
 _PROBE_PAYLOAD = struct.Struct("!QQ")
+_FEEDBACK = struct.Struct("!QQ")
 
 
 class PacketType(enum.IntEnum):
@@ -150,3 +155,12 @@ def probe(path: int, session: int, number: int, timestamp_ns: int) -> bytes:
 def probe_payload(datagram: bytes) -> tuple[int, int]:
     """(timestamp_ns, number) of a probe in clear, or of its echo in a reply."""
     return _PROBE_PAYLOAD.unpack_from(datagram, HEADER_LEN)
+
+
+def probe_feedback(datagram: bytes) -> tuple[int, int] | None:
+    """(peer's receive time in ns, bytes the peer received on the path) that
+    a probe reply in clear carries, or None if it carries none."""
+    if len(datagram) < HEADER_LEN + PROBE_FEEDBACK_PAYLOAD:
+        return None
+    rx_ns, rx_bytes = _FEEDBACK.unpack_from(datagram, HEADER_LEN + PROBE_MIN_PAYLOAD)
+    return (rx_ns, rx_bytes) if rx_ns else None

@@ -133,6 +133,16 @@ BAD = [
     ("-l 10.42.42.1 -s 0.0.0.0 --cipher chacha20-poly1305", "--cipher chacha20-poly1305 needs --key-file"),
     ("-l 10.42.42.1 -s 0.0.0.0 --cipher rot13", "invalid choice: 'rot13'"),
     ("-l 10.42.42.2 -c " + ",".join(f"192.0.2.{i}:192.0.2.1" for i in range(2, 19)), "at most 16 paths"),
+    ("-l 10.42.42.1 -s 0.0.0.0 --queue-target -5", "must be more than 0 and at most 1000 ms"),
+    ("-l 10.42.42.1 -s 0.0.0.0 --queue-target 2000", "must be more than 0 and at most 1000 ms"),
+    ("-l 10.42.42.1 -s 0.0.0.0 --queue-target soon", "'soon' is not a number of milliseconds"),
+    ("-l 10.42.42.1 -s 0.0.0.0 --rate 6M", "expected PATH=RATE"),
+    ("-l 10.42.42.1 -s 0.0.0.0 --rate 16=6M", "path: 16 is out of range 0-15"),
+    ("-l 10.42.42.1 -s 0.0.0.0 --rate 1=6X", "'6X' is not a rate in bit/s"),
+    ("-l 10.42.42.1 -s 0.0.0.0 --rate 1=100k", "at least 128 kbit/s"),
+    ("-l 10.42.42.1 -s 0.0.0.0 --rate 1=nan", "'nan' is not a rate"),
+    ("-l 10.42.42.1 -s 0.0.0.0 --rate 1=2e12", "below 1 Tbit/s"),
+    ("-l 10.42.42.1 -s 0.0.0.0 --rate 1=6M --rate 1=2M", "path 1 is given more than one rate"),
 ]
 
 

@@ -29,6 +29,9 @@ ROUND_TRIPS = [
      'cipher = "chacha20-poly1305"'),
     ("-l 10.42.42.2 -c wwan0:203.0.113.1,'wwan*:203.0.113.1'",
      'tun_listen_addr = "10.42.42.2"\nclient_endpoints = ["wwan0:203.0.113.1", "wwan*:203.0.113.1"]'),
+    ("-l 10.42.42.1 -s 0.0.0.0 --queue-target 25 --rate 1=6M --rate 0=500k",
+     'tun_listen_addr = "10.42.42.1"\nserver_listen_addr = "0.0.0.0"\nqueue_target_ms = 25\n'
+     'rate_caps = ["1=6M", "0=500k"]'),
 ]
 
 
@@ -84,6 +87,8 @@ BAD = [
     ('verbose = -1', "verbose: expected a count"),
     ('mtu = 1400\ndev = mt0', "(at line 2, column 7)"),
     ('mtu = [1400]', "mtu: expected a string or a number, got [1400]"),
+    ('queue_target_ms = 0', "queue_target_ms: queue target: '0' must be more than 0"),
+    ('rate_caps = ["1=6 parsecs"]', "rate_caps: rate '1=6 parsecs': '6 parsecs' is not a rate"),
 ]
 
 

@@ -6,7 +6,8 @@ from multitun.lab.engine_pair import EnginePair
 
 # What Engine.stats() and Engine.paths() carry besides counters.
 TUNNEL_STATE = {"session", "peer_session", "tx_seq", "keyed", "key_id", "rejected_from"}
-PATH_STATE = {"path", "active", "udp_gso", "udp_gso_max", "remote", "last_errno", "last_rx_ns"}
+PATH_STATE = {"path", "active", "udp_gso", "udp_gso_max", "remote", "last_errno", "last_rx_ns",
+              "paced_rate", "queue_packets", "queue_bytes", "queue_sojourn_ns"}
 
 
 def test_the_engine_counts_what_is_reported():

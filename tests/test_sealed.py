@@ -204,7 +204,7 @@ def test_probe_reply_is_sealed_and_the_same_size(pair):
     a, b = pair.engines
     a.send_probe(0, 42, 123456789)
     probe = pair.udp[1].recv(100)
-    assert len(probe) == 16 + 16 + 16
+    assert len(probe) == wire.HEADER_LEN + wire.PROBE_FEEDBACK_PAYLOAD + wire.TAG_LEN
     pair.udp[0].send(probe)  # loop it back through b
     b.run(0)
     reply = pair.udp[0].recv(100)
@@ -214,6 +214,8 @@ def test_probe_reply_is_sealed_and_the_same_size(pair):
     a.run(0)
     ((path, _, datagram, source, _),) = a.take_control()
     assert wire.probe_payload(datagram) == (123456789, 42)
+    # b's feedback: every byte it received on the path, the probe's too.
+    assert wire.probe_feedback(datagram)[1] == b.paths()[0]["rx_bytes"] >= len(probe)
     assert source == pair.udp[1].getsockname()
 
 

@@ -1,6 +1,6 @@
 # A batch of packets on its way from the TUN to the paths.
 
-from libc.stdint cimport uint8_t
+from libc.stdint cimport uint8_t, uint32_t
 from ..includes.linux cimport iovec
 from .constants cimport BATCH, HEADER_LEN, SLOT
 
@@ -13,6 +13,9 @@ cdef struct Batch:
     # then names slot i > k, so nothing is moved.
     uint8_t *slots
     iovec iov[BATCH]
+    # The flow bucket of each packet (flowqueue.pxd), taken before it is
+    # sealed; only while some path is paced.
+    uint32_t flow[BATCH]
     int n
 
 

@@ -18,6 +18,9 @@ cdef enum:
     T_HANDSHAKE_COOKIE = 6
     PROBE_MIN_PAYLOAD = 16
     PROBE_MAX_PAYLOAD = 64
+    # A probe with this much payload asks for feedback in the reply: the
+    # timestamp and number, then 16 bytes the peer fills in.
+    PROBE_FEEDBACK_PAYLOAD = 32
     # The AEADs, chosen in the handshake (--cipher): AES-256-GCM (NIST SP
     # 800-38D) and ChaCha20-Poly1305 (RFC 8439), both with 32-byte keys,
     # 16-byte tags and 12-byte nonces.

@@ -20,6 +20,10 @@ cdef struct PathCounters:
     uint64_t recv_errors
     # UDP GSO trains the path refused (then sent datagram by datagram).
     uint64_t gso_fallbacks
+    # A paced path's queue (shaper.pxi): dropped by CoDel or on overflow,
+    # and copies dropped as stale (another path would deliver them sooner).
+    uint64_t aqm_dropped
+    uint64_t stale_dropped
 
 cdef struct TunnelCounters:
     uint64_t tun_rx_packets

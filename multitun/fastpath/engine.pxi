@@ -1,7 +1,8 @@
 # The engine: one tunnel end's packet loop, the pipeline through the parts.
 #
 #   TUN --Tun.read--> plain packets --KeyRing.frame (header, seal)-->
-#       Paths.send: every path that has an endpoint
+#       every path that has an endpoint: Paths.send_on at once, or a
+#       paced path's queue (Shaper), sent as its pacer allows
 #   path socket --Paths.receive--> Receiver (receive.pxi) --> Tun.write,
 #       or ControlQueue
 
@@ -10,6 +11,7 @@ cdef enum:
     # their index).
     TAG_TUN = 1000
     TAG_WAKE = 1001
+    TAG_TIMER = 1002
 
 
 @cython.final
@@ -22,6 +24,8 @@ cdef class Engine:
     when any of ``wake_fds`` is readable (signals). ``keyed`` engines speak
     protocol version 2 only and send nothing until the control plane
     installs keys. ``vnet_hdr``: the TUN carries virtio-net headers.
+    ``stale_margin_us``: a paced path's queued copy is stale once it would
+    arrive this much later than by the fastest other path.
     """
 
     cdef int epfd
@@ -30,6 +34,7 @@ cdef class Engine:
     cdef KeyRing keyring
     cdef ControlQueue control
     cdef Receiver rx
+    cdef Shaper shaper
     cdef TunnelCounters ctr
     cdef Batch batch
     # After activity, poll this long before sleeping in epoll_wait (0: never).
@@ -40,7 +45,7 @@ cdef class Engine:
 
     def __cinit__(self, int tun_fd, socks, bint server, uint32_t session,
                   wake_fds=(), bint gso=False, int busy_poll_us=0, bint keyed=False,
-                  bint vnet_hdr=False):
+                  bint vnet_hdr=False, uint64_t stale_margin_us=60000):
         if session == 0:
             raise ValueError("session must be non-zero")
         self.epfd = -1
@@ -52,6 +57,8 @@ cdef class Engine:
                            int.from_bytes(os.urandom(8), "little"))
         self.tun.ctr = self.pathset.ctr = self.keyring.ctr = self.control.ctr = &self.ctr
         self.rx.ctr = &self.ctr
+        self.shaper = Shaper(self.pathset, int.from_bytes(os.urandom(8), "little"),
+                             stale_margin_us * 1000)
         self.batch.slots = <uint8_t *>malloc(BATCH * SLOT)
         if self.batch.slots == NULL:
             raise MemoryError()
@@ -62,6 +69,7 @@ cdef class Engine:
         self._watch(tun_fd, TAG_TUN)
         for fd in wake_fds:
             self._watch(fd, TAG_WAKE)
+        self._watch(self.shaper.timerfd, TAG_TIMER)
         for i in range(self.pathset.nsocks):
             if self.pathset.socks[i] >= 0:
                 self._watch(self.pathset.socks[i], i)
@@ -89,7 +97,7 @@ cdef class Engine:
     # ------------------------------------------------------------- the loop
 
     cdef int _run(self, int timeout_ms) noexcept nogil:
-        cdef epoll_event events[MAX_PATHS + 2]
+        cdef epoll_event events[MAX_PATHS + 3]
         cdef uint64_t t = now_ns()
         cdef uint64_t deadline = t + <uint64_t>timeout_ms * 1000000ULL
         cdef uint64_t poll_until = t + self.busy_poll_ns
@@ -102,7 +110,7 @@ cdef class Engine:
                 wait_ms = 0
             else:
                 wait_ms = <int>((deadline - t + 999999) // 1000000) if deadline > t else 0
-            n = epoll_wait(self.epfd, events, MAX_PATHS + 2, wait_ms)
+            n = epoll_wait(self.epfd, events, MAX_PATHS + 3, wait_ms)
             if n < 0:
                 # epoll_wait(2): EINTR when a signal handler interrupted the
                 # wait; Python must run its handler now.
@@ -124,7 +132,9 @@ cdef class Engine:
             # duplicate of the packet that caused it is waiting on a path, the
             # reply should not wait for the duplicate to be read and dropped.
             for i in range(n):
-                if events[i].data.u32 == TAG_TUN:
+                if events[i].data.u32 == TAG_TIMER:
+                    self.shaper.on_timer()
+                elif events[i].data.u32 == TAG_TUN:
                     rc = self._tun_to_paths()
                     if rc < 0:
                         self.failed = TAG_TUN
@@ -132,7 +142,7 @@ cdef class Engine:
             for i in range(n):
                 if events[i].data.u32 == TAG_WAKE:
                     flags |= WAKE_FD
-                elif events[i].data.u32 != TAG_TUN:
+                elif events[i].data.u32 < TAG_TUN:
                     rc = self.rx.from_path(events[i].data.u32)
                     if rc < 0:
                         self.failed = events[i].data.u32
@@ -152,14 +162,20 @@ cdef class Engine:
         cdef int i, kept, err
         cdef size_t n
         cdef uint8_t *p
+        cdef bint shaping
         while True:
             b.n = 0
             err = self.tun.read(b)
+            shaping = self.shaper.paced != 0
             # Framed in place; a packet that cannot leave (no key yet) is
-            # left out of the iovecs.
+            # left out of the iovecs. A paced path queues by flow, which
+            # only the packet in clear tells.
             kept = 0
             for i in range(b.n):
-                p = <uint8_t *>b.iov[i].iov_base - HEADER_LEN
+                p = <uint8_t *>b.iov[i].iov_base
+                if shaping:
+                    b.flow[kept] = fq_flow_of(p, b.iov[i].iov_len, self.shaper.key)
+                p -= HEADER_LEN
                 n = self.keyring.frame(p, b.iov[i].iov_len, T_DATA, 0, 0)
                 if n == 0:
                     self.ctr.no_key += 1
@@ -170,9 +186,28 @@ cdef class Engine:
             b.n = kept
             if kept:
                 self.ctr.tun_batches += 1
-                self.pathset.send(b)
+                self._send(b)
             if err or not self.tun.splitting():
                 return err
+
+    cdef void _send(self, Batch *b) noexcept nogil:
+        """The batch on every path that has an endpoint: at once, or into
+        its queue if it is paced."""
+        cdef int path
+        cdef bint queued = False
+        cdef uint64_t now = 0
+        for path in range(MAX_PATHS):
+            if self.pathset.eps[path].fd < 0:
+                continue
+            if self.shaper.holds(path):
+                if not queued:
+                    now = now_ns()
+                    queued = True
+                self.shaper.enqueue(path, b, now)
+            else:
+                self.pathset.send_on(path, b)
+        if queued:
+            self.shaper.service(now)
 
     # ------------------------------------------------------------ Python API
 
@@ -219,15 +254,18 @@ cdef class Engine:
                              &datagram[0], datagram.shape[0])
 
     def send_probe(self, int path, uint64_t number, uint64_t timestamp_ns):
-        """Probe a path: the payload is the timestamp and the probe's number.
-        0, the errno the send failed with, or ENOKEY (sealed mode, no key yet)."""
-        cdef uint8_t buf[HEADER_LEN + PROBE_MIN_PAYLOAD + TAG_LEN]
+        """Probe a path: the payload is the timestamp, the probe's number and
+        room for the peer's feedback (its clock and the bytes it received
+        on the path, filled in by the reply). 0, the errno the send failed
+        with, or ENOKEY (sealed mode, no key yet)."""
+        cdef uint8_t buf[HEADER_LEN + PROBE_FEEDBACK_PAYLOAD + TAG_LEN]
         cdef uint64_t t = htobe64(timestamp_ns), q = htobe64(number)
         cdef size_t n
         self.pathset.active(path)
+        memset(buf + HEADER_LEN, 0, PROBE_FEEDBACK_PAYLOAD)
         memcpy(buf + HEADER_LEN, &t, 8)
         memcpy(buf + HEADER_LEN + 8, &q, 8)
-        n = self.keyring.frame(buf, PROBE_MIN_PAYLOAD, T_PROBE, <uint8_t>path, number)
+        n = self.keyring.frame(buf, PROBE_FEEDBACK_PAYLOAD, T_PROBE, <uint8_t>path, number)
         if n == 0:
             return ENOKEY
         return self.pathset.send_one(path, buf, n)
@@ -281,6 +319,17 @@ cdef class Engine:
         if forget:
             memset(&self.pathset.eps[path].c, 0, sizeof(PathCounters))
 
+    def shape(self, int path, uint64_t rate, uint64_t delay_ns):
+        """Pace path ``path`` at ``rate`` bytes/s (0: send at once, as an
+        unpaced path does) and take ``delay_ns`` as its one-way delay (0:
+        unknown, or down), which says when its queued copies are stale."""
+        self.shaper.shape(path, rate, delay_ns)
+
+    def held(self, int path):
+        """Whether path ``path``'s pacer held packets back since the last
+        call: the pacer, not the path, limited what it sent."""
+        return self.shaper.held(path)
+
     def forget(self, int path):
         """Stop sending to a server-side endpoint (it was silent too long)."""
         self.pathset.forget(path)
@@ -294,5 +343,9 @@ cdef class Engine:
                     rejected_from=sockaddr_to_tuple(&self.rx.rejected_addr))
 
     def paths(self):
-        """Per-path endpoint and counters, for every path ever used."""
-        return self.pathset.as_list()
+        """Per-path endpoint, counters, pacing and queue, for every path
+        ever used."""
+        cdef list out = self.pathset.as_list()
+        for d in out:
+            d.update(self.shaper.path_info(d["path"]))
+        return out

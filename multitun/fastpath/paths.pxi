@@ -143,14 +143,7 @@ cdef class Paths:
 
     # ------------------------------------------------------------- sending
 
-    cdef void send(self, Batch *b) noexcept nogil:
-        """The batch's datagrams on every path that has an endpoint."""
-        cdef int path
-        for path in range(MAX_PATHS):
-            if self.eps[path].fd >= 0:
-                self._send_on(path, b)
-
-    cdef void _send_on(self, int path, Batch *b) noexcept nogil:
+    cdef void send_on(self, int path, Batch *b) noexcept nogil:
         cdef Endpoint *ep = &self.eps[path]
         cdef int i, g, r, e, ngroups, sent = 0, first
         cdef size_t iovlen

@@ -170,13 +170,24 @@ cdef class Receiver:
     cdef void _on_probe(self, int path, Header *h, uint8_t *p, size_t n, msghdr *m,
                         uint64_t now) noexcept nogil:
         """A probe (in clear now) is answered here, not in Python, so that
-        the round trip has no interpreter in it: the same payload back, so
-        the reply is exactly as long as the probe (no amplification). A
-        reply goes up to Python for the path's health."""
+        the round trip has no interpreter in it: the same payload back, with
+        feedback where the probe made room for it, so the reply is exactly
+        as long as the probe (no amplification). A reply goes up to Python
+        for the path's health and capacity."""
         cdef uint8_t reply[HEADER_LEN + PROBE_MAX_PAYLOAD + TAG_LEN]
         cdef size_t r
+        cdef uint64_t fb
         if h.ptype == T_PROBE:
             memcpy(reply + HEADER_LEN, p + HEADER_LEN, n - HEADER_LEN)
+            if n - HEADER_LEN >= PROBE_FEEDBACK_PAYLOAD:
+                # Feedback for the prober's capacity estimate (docs/PROTOCOL.md):
+                # when this end received the probe, and every byte received
+                # on the path so far. Written into the room the probe left,
+                # so the reply is no longer than the probe.
+                fb = htobe64(now)
+                memcpy(reply + HEADER_LEN + 16, &fb, 8)
+                fb = htobe64(self.paths.eps[path].c.rx_bytes)
+                memcpy(reply + HEADER_LEN + 24, &fb, 8)
             r = self.keyring.frame(reply, n - HEADER_LEN, T_PROBE_REPLY, <uint8_t>path, h.seq)
             if r:
                 self.paths.send_one(path, reply, r)

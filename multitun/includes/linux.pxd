@@ -151,6 +151,20 @@ cdef extern from "<time.h>" nogil:
     int clock_gettime(int clk_id, timespec *tp)
 
 
+cdef extern from "<sys/timerfd.h>" nogil:
+    # timerfd_create(2): the pacer's wake-up, at an absolute CLOCK_MONOTONIC
+    # time with the resolution of a high-resolution timer.
+    cdef struct itimerspec:
+        timespec it_interval
+        timespec it_value
+    enum:
+        TFD_NONBLOCK
+        TFD_CLOEXEC
+        TFD_TIMER_ABSTIME
+    int timerfd_create(int clockid, int flags)
+    int timerfd_settime(int fd, int flags, const itimerspec *new_value, itimerspec *old_value)
+
+
 cdef extern from "<errno.h>" nogil:
     # errno(3), Linux: "Required key not available"; what send_probe() returns
     # before the first handshake.

@@ -1,0 +1,158 @@
+"""Each path's capacity and queueing delay, estimated from probe feedback, and
+the rate to pace it at so that its bottleneck keeps no standing queue.
+
+A probe reply carries the peer's feedback (docs/PROTOCOL.md): when the peer
+received the probe, by its clock, and how many bytes it had received on the
+path. From successive replies:
+
+- the forward one-way delay, up to the two clocks' unknown offset: the
+  peer's receive time less our send time. Its minimum over the last
+  ``MIN_WINDOW_NS`` is the path's base; what lies above it is the queue on
+  the way there (a queue on the way back does not count, as it would in the
+  round trip);
+- the delivery rate: bytes the peer received between two replies, over the
+  time between them on its clock.
+
+The control law, once per reply (every probe interval): a proportional
+controller on the queueing delay, anchored to what the path delivered (as
+BBR anchors its pacing to the delivery rate; Cardwell et al., ACM Queue
+14(5), 2016):
+
+- whenever the queue is above ``target``, or the path is paced and the pacer
+  held packets back, the next rate is the delivery rate times
+  ``1 + GAIN * (setpoint - queue) / setpoint``, within ``DRAIN_FLOOR`` and
+  ``1 + GAIN``, where the setpoint is half the target: more while the queue
+  is shorter, less once it is longer, so that it stays within the target
+  as it swings (the feedback is a round trip and a probe interval late);
+- paced, and for ``RELEASE_NS`` neither a queue above target nor a held
+  packet: the path is not the bottleneck any more; stop pacing.
+
+A --rate cap paces the path at no more than the cap, always.
+"""
+
+from __future__ import annotations
+
+import collections
+from dataclasses import dataclass, field
+
+# The base one-way delay is the minimum over this long (as BBR's min RTT):
+# long enough to see the path empty now and then, short enough to follow a
+# route that changed.
+MIN_WINDOW_NS = 10_000_000_000
+# Delivery-rate samples span at least this long (shorter ones are noise).
+MIN_SAMPLE_NS = 50_000_000
+# The capacity shown is the largest delivery rate over this long.
+CAPACITY_WINDOW_NS = 2_000_000_000
+# The controller's gain, and how far below the delivery rate it may pace
+# (a long standing queue drains at half the rate at most). Never below
+# MIN_RATE (bytes/s, 128 kbit/s): control traffic must always get through.
+GAIN = 0.1
+DRAIN_FLOOR = 0.5
+MIN_RATE = 16_000
+RELEASE_NS = 2_000_000_000
+
+
+@dataclass
+class PathCapacity:
+    target_ns: int
+    # --rate: bytes/s, or None.
+    cap: int | None = None
+    # The pacing rate in bytes/s; None: not paced.
+    rate: float | None = None
+    queue_delay_ns: int | None = None
+    delivery_rate: float | None = None
+    rtt_min_ns: int | None = None
+    # Probe number -> when it left.
+    _sent: dict[int, int] = field(default_factory=dict)
+    # (time, one-way delay) kept while they may still be the window's minimum.
+    _owd: collections.deque = field(default_factory=collections.deque)
+    # The last reply a delivery rate was measured from: peer_rx_ns, peer_rx_bytes.
+    _last: tuple[int, int] | None = None
+    _rates: collections.deque = field(default_factory=collections.deque)
+    _calm_since_ns: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.cap is not None:
+            self.rate = float(self.cap)
+
+    def sent(self, number: int, now_ns: int) -> None:
+        """Probe ``number`` left now."""
+        self._sent[number] = now_ns
+        while len(self._sent) > 64:  # unanswered ones
+            del self._sent[next(iter(self._sent))]
+
+    def feedback(self, number: int, rtt_ns: int, peer_rx_ns: int, peer_rx_bytes: int,
+                 held: bool) -> None:
+        """The reply to probe ``number``, with the peer's feedback; ``held``:
+        the pacer held packets back since the last reply."""
+        sent_ns = self._sent.pop(number, None)
+        if sent_ns is None:
+            return
+        now_ns = sent_ns + rtt_ns
+        self.rtt_min_ns = rtt_ns if self.rtt_min_ns is None else min(self.rtt_min_ns, rtt_ns)
+        self._queue_delay(now_ns, peer_rx_ns - sent_ns)
+        if self._last is None:
+            self._last = (peer_rx_ns, peer_rx_bytes)
+        elif peer_rx_ns - self._last[0] >= MIN_SAMPLE_NS:
+            span = (peer_rx_ns - self._last[0]) / 1e9
+            self.delivery_rate = (peer_rx_bytes - self._last[1]) / span
+            self._rates.append((now_ns, self.delivery_rate))
+            while self._rates and now_ns - self._rates[0][0] > CAPACITY_WINDOW_NS:
+                self._rates.popleft()
+            self._last = (peer_rx_ns, peer_rx_bytes)
+            self._control(now_ns, held)
+
+    def _queue_delay(self, now_ns: int, owd_ns: int) -> None:
+        # A monotonic deque: the window's minimum is at its left.
+        owd = self._owd
+        while owd and owd[-1][1] >= owd_ns:
+            owd.pop()
+        owd.append((now_ns, owd_ns))
+        while now_ns - owd[0][0] > MIN_WINDOW_NS and len(owd) > 1:
+            owd.popleft()
+        self.queue_delay_ns = owd_ns - owd[0][1]
+
+    def _control(self, now_ns: int, held: bool) -> None:
+        q, delivered = self.queue_delay_ns or 0, self.delivery_rate or 0.0
+        if q > self.target_ns or (held and self.rate is not None):
+            setpoint = self.target_ns / 2
+            gain = 1.0 + GAIN * (setpoint - q) / setpoint
+            self.rate = delivered * min(1.0 + GAIN, max(DRAIN_FLOOR, gain))
+            self._calm_since_ns = None
+        elif self.rate is not None:
+            if self._calm_since_ns is None:
+                self._calm_since_ns = now_ns
+            elif now_ns - self._calm_since_ns >= RELEASE_NS:
+                self.rate = None
+        if self.rate is not None:
+            self.rate = max(self.rate, MIN_RATE)
+        if self.cap is not None:
+            self.rate = min(self.rate if self.rate is not None else self.cap, self.cap)
+
+    @property
+    def pacing_rate(self) -> int:
+        """Bytes/s to pace at; 0: not paced."""
+        return int(self.rate) if self.rate is not None else 0
+
+    @property
+    def capacity(self) -> float | None:
+        """The largest delivery rate lately (bytes/s): what the path carried
+        at best, its capacity when it was the bottleneck."""
+        return max(r for _, r in self._rates) if self._rates else None
+
+    @property
+    def delay_ns(self) -> int:
+        """The path's one-way delay estimate: half the least round trip, and
+        the queue on the way; 0 if not known yet."""
+        if self.rtt_min_ns is None:
+            return 0
+        return self.rtt_min_ns // 2 + (self.queue_delay_ns or 0)
+
+    def as_dict(self) -> dict:
+        mbit = lambda r: None if r is None else round(r * 8 / 1e6, 3)  # noqa: E731
+        return {
+            "capacity_mbit": mbit(self.capacity),
+            "delivery_mbit": mbit(self.delivery_rate),
+            "queue_delay_ms": (None if self.queue_delay_ns is None
+                               else round(self.queue_delay_ns / 1e6, 3)),
+        }
