@@ -17,6 +17,10 @@ from .fastpath.header cimport H_OK, Header, parse_header, put_header
 from .fastpath.window cimport W_NEW, Window, window_check
 from .fastpath.checksum cimport csum_add, csum_fold
 from .fastpath.aead cimport aead, new_cipher, sequence_nonce
+from .fastpath.flowqueue cimport (
+    FQ_URGENT, FlowQueue, QPacket, fq_clear, fq_dequeue, fq_enqueue, fq_flow_of, fq_init,
+    qpacket_data,
+)
 
 
 def pack_header(int ptype, int path, uint32_t session, uint64_t seq,
@@ -150,3 +154,57 @@ cdef class ReplayWindow:
                 if window_check(&self.w, seqs[i]) == W_NEW:
                     fresh += 1
         return fresh
+
+
+cdef class FairQueue:
+    """One paced path's queue (flowqueue.pxd), driven by the caller's clock
+    (ns): enqueue IP packets, dequeue them in the order the path would send
+    them, and see what CoDel or the byte limit dropped."""
+
+    cdef FlowQueue *fq
+    cdef uint64_t key
+
+    def __cinit__(self, uint64_t target_ns=5000000, uint64_t interval_ns=100000000,
+                  uint64_t limit_bytes=1 << 20, uint64_t key=0):
+        self.fq = <FlowQueue *>malloc(sizeof(FlowQueue))
+        if self.fq == NULL:
+            raise MemoryError()
+        fq_init(self.fq, target_ns, interval_ns, limit_bytes)
+        self.key = key
+
+    def __dealloc__(self):
+        if self.fq != NULL:
+            fq_clear(self.fq)
+            free(self.fq)
+
+    def flow_of(self, const uint8_t[:] packet):
+        """The bucket a packet goes to (FQ_URGENT for an urgent DSCP)."""
+        return fq_flow_of(&packet[0], packet.shape[0], self.key)
+
+    def enqueue(self, const uint8_t[:] packet, uint64_t now_ns):
+        fq_enqueue(self.fq, fq_flow_of(&packet[0], packet.shape[0], self.key), &packet[0],
+                   <uint32_t>packet.shape[0], now_ns)
+
+    def dequeue(self, uint64_t now_ns):
+        """The next packet, or None if the queue is empty."""
+        cdef QPacket *q = fq_dequeue(self.fq, now_ns)
+        if q == NULL:
+            return None
+        out = bytes(qpacket_data(q)[:q.len])
+        free(q)
+        return out
+
+    @property
+    def dropped(self):
+        return self.fq.dropped
+
+    @property
+    def packets(self):
+        return self.fq.packets
+
+    @property
+    def bytes(self):
+        return self.fq.bytes
+
+
+URGENT = FQ_URGENT

@@ -25,7 +25,19 @@ BBR anchors its pacing to the delivery rate; Cardwell et al., ACM Queue
   is shorter, less once it is longer, so that it stays within the target
   as it swings (the feedback is a round trip and a probe interval late);
 - paced, and for ``RELEASE_NS`` neither a queue above target nor a held
-  packet: the path is not the bottleneck any more; stop pacing.
+  packet: the path is not the bottleneck any more; stop pacing;
+- paced, holding packets back, and the minimum is ``PROBE_BASE_AFTER_NS``
+  old: a paced path's queue seldom empties, so its minimum may include a
+  queue, or hide a base that rose (a new route). Drain, at ``DRAIN_FLOOR``
+  of its capacity, until the one-way delay stops falling: the queue is
+  empty then, and the samples show the base (BBR's PROBE_RTT, for the same
+  reason). It costs a few probe intervals at half rate every few seconds;
+- a queue that has not fallen over a round trip and ``STUCK_NS`` while we
+  pace at most ``STUCK_GAIN`` of the delivery rate is no queue of ours
+  (ours would drain by a tenth of the rate a second at least): the base rose
+  (a new route), or others hold the bottleneck's queue, which our backing
+  off would not drain. The window restarts from the current sample instead
+  of pacing the path down to nothing.
 
 A --rate cap paces the path at no more than the cap, always.
 """
@@ -50,6 +62,11 @@ GAIN = 0.1
 DRAIN_FLOOR = 0.5
 MIN_RATE = 16_000
 RELEASE_NS = 2_000_000_000
+PROBE_BASE_AFTER_NS = 8_000_000_000
+# The one-way delay still falls while a sample is this much below the last.
+FALLING_NS = 1_000_000
+STUCK_NS = 300_000_000
+STUCK_GAIN = 0.9
 
 
 @dataclass
@@ -70,6 +87,13 @@ class PathCapacity:
     _last: tuple[int, int] | None = None
     _rates: collections.deque = field(default_factory=collections.deque)
     _calm_since_ns: int | None = None
+    # The last sample's one-way delay; whether a drain to find the base is
+    # on, and how many samples it has seen.
+    _last_owd_ns: int | None = None
+    _finding_base: int = 0
+    # While we pace below STUCK_GAIN of the delivery rate: since when the
+    # queue is judged, and the queueing delay then.
+    _draining: tuple[int, int] | None = None
 
     def __post_init__(self) -> None:
         if self.cap is not None:
@@ -90,7 +114,7 @@ class PathCapacity:
             return
         now_ns = sent_ns + rtt_ns
         self.rtt_min_ns = rtt_ns if self.rtt_min_ns is None else min(self.rtt_min_ns, rtt_ns)
-        self._queue_delay(now_ns, peer_rx_ns - sent_ns)
+        self._queue_delay(now_ns, peer_rx_ns - sent_ns, rtt_ns)
         if self._last is None:
             self._last = (peer_rx_ns, peer_rx_bytes)
         elif peer_rx_ns - self._last[0] >= MIN_SAMPLE_NS:
@@ -102,7 +126,7 @@ class PathCapacity:
             self._last = (peer_rx_ns, peer_rx_bytes)
             self._control(now_ns, held)
 
-    def _queue_delay(self, now_ns: int, owd_ns: int) -> None:
+    def _queue_delay(self, now_ns: int, owd_ns: int, rtt_ns: int) -> None:
         # A monotonic deque: the window's minimum is at its left.
         owd = self._owd
         while owd and owd[-1][1] >= owd_ns:
@@ -111,14 +135,37 @@ class PathCapacity:
         while now_ns - owd[0][0] > MIN_WINDOW_NS and len(owd) > 1:
             owd.popleft()
         self.queue_delay_ns = owd_ns - owd[0][1]
+        falling = self._last_owd_ns is not None and owd_ns < self._last_owd_ns - FALLING_NS
+        self._last_owd_ns = owd_ns
+        if self._finding_base:
+            self._finding_base = 0 if self._finding_base > 1 and not falling \
+                else self._finding_base + 1
+        if self._draining is not None and now_ns - self._draining[0] >= rtt_ns + STUCK_NS:
+            if self.queue_delay_ns >= self._draining[1] - FALLING_NS:
+                owd.clear()
+                owd.append((now_ns, owd_ns))
+                self.queue_delay_ns = 0
+                self._draining = None
+            else:  # it fell: judge the next stretch from here
+                self._draining = (now_ns, self.queue_delay_ns)
 
     def _control(self, now_ns: int, held: bool) -> None:
         q, delivered = self.queue_delay_ns or 0, self.delivery_rate or 0.0
-        if q > self.target_ns or (held and self.rate is not None):
-            setpoint = self.target_ns / 2
-            gain = 1.0 + GAIN * (setpoint - q) / setpoint
-            self.rate = delivered * min(1.0 + GAIN, max(DRAIN_FLOOR, gain))
+        if self.rate is not None and held and not self._finding_base \
+                and now_ns - self._owd[0][0] >= PROBE_BASE_AFTER_NS:
+            self._finding_base = 1
+        if self._finding_base:
+            self.rate = (self.capacity or delivered) * DRAIN_FLOOR
             self._calm_since_ns = None
+        elif q > self.target_ns or (held and self.rate is not None):
+            setpoint = self.target_ns / 2
+            gain = min(1.0 + GAIN, max(DRAIN_FLOOR, 1.0 + GAIN * (setpoint - q) / setpoint))
+            self.rate = delivered * gain
+            self._calm_since_ns = None
+            if gain > STUCK_GAIN:
+                self._draining = None
+            elif self._draining is None:
+                self._draining = (now_ns, q)
         elif self.rate is not None:
             if self._calm_since_ns is None:
                 self._calm_since_ns = now_ns
