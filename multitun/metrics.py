@@ -38,18 +38,37 @@ class _Collector:
                                    labels=labels)
         loss = GaugeMetricFamily("multitun_path_loss_ratio", "Probes lost, recent window",
                                  labels=labels)
+        capacity = GaugeMetricFamily("multitun_path_capacity_bits_per_second",
+                                     "Largest delivery rate lately (probe feedback)",
+                                     labels=labels)
+        queue_delay = GaugeMetricFamily("multitun_path_queue_delay_seconds",
+                                        "Queueing delay at the path's bottleneck, estimated",
+                                        labels=labels)
+        pacing = GaugeMetricFamily("multitun_path_pacing_bits_per_second",
+                                   "Rate the path is paced at (absent: not paced)",
+                                   labels=labels)
+        held = GaugeMetricFamily("multitun_path_queue_packets",
+                                 "Packets held in the paced path's own queue", labels=labels)
+        wait = GaugeMetricFamily("multitun_path_queue_wait_seconds",
+                                 "How long the oldest packet in that queue has waited",
+                                 labels=labels)
         counters = {k: CounterMetricFamily(f"multitun_path_{k}", doc, labels=labels)
                     for k, doc in PATH_COUNTERS.items()}
         for p in st["paths"]:
             values = [p["name"], p["remote"] or ""]
             up.add_metric(values, 1.0 if p["state"] == "up" else 0.0)
             for family, key, scale in ((rtt, "rtt_ms", 1e-3), (rtt_min, "rtt_min_ms", 1e-3),
-                                       (jitter, "jitter_ms", 1e-3), (loss, "loss_pct", 1e-2)):
+                                       (jitter, "jitter_ms", 1e-3), (loss, "loss_pct", 1e-2),
+                                       (capacity, "capacity_mbit", 1e6),
+                                       (queue_delay, "queue_delay_ms", 1e-3),
+                                       (pacing, "pacing_mbit", 1e6), (held, "queue_packets", 1),
+                                       (wait, "queue_wait_ms", 1e-3)):
                 if p[key] is not None:
                     family.add_metric(values, p[key] * scale)
             for key, family in counters.items():
                 family.add_metric(values, p[key])
-        yield from (up, rtt, rtt_min, jitter, loss, *counters.values())
+        yield from (up, rtt, rtt_min, jitter, loss, capacity, queue_delay, pacing, held, wait,
+                    *counters.values())
         for key, doc in TUNNEL_COUNTERS.items():
             yield CounterMetricFamily(f"multitun_{key}", doc, value=st["tunnel"][key])
         security = st["security"]

@@ -208,6 +208,10 @@ def _num(value: float | None, fmt: str) -> str:
     return "-" if value is None else format(value, fmt)
 
 
+def _rate(mbit: float | None) -> str:
+    return "-" if mbit is None else f"{mbit:.2f} Mbit/s"
+
+
 def _duration(seconds: float) -> str:
     s = int(seconds)
     return f"{s // 3600}h{s % 3600 // 60:02d}m{s % 60:02d}s" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
@@ -236,6 +240,17 @@ def render(st: dict) -> str:
             f"{_num(p['jitter_ms'], '.3f'):>7} {_num(p['loss_pct'], '.1f'):>6} "
             f"{p['tx_packets']:>10} {p['rx_packets']:>10} {p['first_arrivals']:>10} "
             f"{p['duplicates']:>10} {p['send_errors']:>7} {p['send_dropped']:>7}")
+    lines += [
+        "",
+        f"{'path':6} {'capacity':>12} {'queue ms':>9} {'pacing':>12} {'held':>6} "
+        f"{'wait ms':>8} {'aqm drop':>9} {'stale':>9}",
+    ]
+    for p in st["paths"]:
+        lines.append(
+            f"{p['name']:6} {_rate(p['capacity_mbit']):>12} {_num(p['queue_delay_ms'], '.1f'):>9} "
+            f"{_rate(p['pacing_mbit']):>12} {p['queue_packets']:>6} "
+            f"{_num(p['queue_wait_ms'], '.1f'):>8} {p['aqm_dropped']:>9} "
+            f"{p['stale_dropped']:>9}")
     # Drops that a healthy tunnel never has are named only when they happen.
     rare = "".join(f", {t[key]} {what}" for key, what in (
         ("truncated", "with truncated control data"), ("control_dropped", "control packets"))

@@ -10,27 +10,16 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from multitun._testing import URGENT, FairQueue
+from multitun.lab.engine_pair import seq_of, udp4
 
 MS = 1_000_000
 TARGET, INTERVAL, MAXPACKET = 5 * MS, 100 * MS, 1514
-
-
-def udp4(sport: int, dport: int, size: int = 1400, tos: int = 0, seq: int = 0) -> bytes:
-    """An IPv4/UDP packet of ``size`` bytes; ``seq`` in its payload."""
-    ip = struct.pack("!BBHHHBBH4s4s", 0x45, tos, size, 0, 0, 64, 17, 0,
-                     bytes([10, 0, 0, 1]), bytes([10, 0, 0, 2]))
-    udp = struct.pack("!HHHH", sport, dport, size - 20, 0)
-    return (ip + udp + struct.pack("!I", seq)).ljust(size, b".")
 
 
 def udp6(sport: int, dport: int, size: int = 1400, tclass: int = 0) -> bytes:
     ip = struct.pack("!IHBB16s16s", (6 << 28) | (tclass << 20), size - 40, 17, 64,
                      bytes(15) + b"\x01", bytes(15) + b"\x02")
     return (ip + struct.pack("!HHHH", sport, dport, size - 40, 0)).ljust(size, b".")
-
-
-def seq_of(packet: bytes) -> int:
-    return struct.unpack_from("!I", packet, 28)[0]
 
 
 def test_a_sparse_flow_goes_ahead_of_a_bulk_flow():

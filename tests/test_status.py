@@ -42,13 +42,14 @@ def engine_dicts(**counts):
     paths = [{k: counts.get(f"path{i}_{k}", 0) for k in PATH_COUNTERS} | {
         "path": i, "active": i == 0, "udp_gso": True, "udp_gso_max": None,
         "remote": ("192.0.2.2", 40000) if i == 0 else None, "last_errno": 0,
-        "last_rx_ns": 0} for i in range(2)]
+        "last_rx_ns": 0, "paced_rate": None, "queue_packets": 0, "queue_bytes": 0,
+        "queue_sojourn_ns": 0} for i in range(2)]
     return stats, paths
 
 
-def server_snapshot(stats, paths):
+def server_snapshot(stats, paths, states=None):
     return status.snapshot(ServerRole(SERVER), "multitun0", time.monotonic(), stats, paths,
-                           PathStates(SERVER), None)
+                           states or PathStates(SERVER), None)
 
 
 def test_snapshot_has_every_counter():
@@ -85,6 +86,32 @@ def test_metrics_export_every_counter():
     assert {f"multitun_{k}" for k in TUNNEL_COUNTERS} <= families.keys()
     assert families["multitun_path_gso_fallbacks"].samples[0].value == 2
     assert families["multitun_truncated"].samples[0].value == 1
+
+
+def test_pacing_and_queues_in_the_table_json_and_metrics():
+    ms = 1_000_000
+    stats, paths = engine_dicts(path0_stale_dropped=4, path0_aqm_dropped=2)
+    paths[0].update(paced_rate=5_500_000, queue_packets=12, queue_bytes=14_400,
+                    queue_sojourn_ns=9 * ms)
+    states = PathStates(SERVER)
+    capacity = states[0].capacity  # two replies: 75 kB in 110 ms, 10 ms of queue
+    capacity.sent(1, 0)
+    capacity.feedback(1, 60 * ms, 10**9 + 30 * ms, 0, held=False)
+    capacity.sent(2, 100 * ms)
+    capacity.feedback(2, 80 * ms, 10**9 + 140 * ms, 75_000, held=True)
+    st = server_snapshot(stats, paths, states)
+    path = st["paths"][0]
+    assert path["capacity_mbit"] == pytest.approx(5.455, abs=0.001)
+    assert path["queue_delay_ms"] == 10.0
+    assert (path["pacing_mbit"], path["queue_packets"], path["queue_wait_ms"]) == (5.5, 12, 9.0)
+    row = next(line for line in status.render(st).splitlines()
+               if line.startswith("path0") and "Mbit/s" in line)
+    assert row.split() == ["path0", "5.46", "Mbit/s", "10.0", "5.50", "Mbit/s", "12", "9.0",
+                           "2", "4"]
+    families = {f.name: f for f in metrics._Collector(lambda: st).collect()}
+    assert families["multitun_path_pacing_bits_per_second"].samples[0].value == 5.5e6
+    assert families["multitun_path_queue_delay_seconds"].samples[0].value == pytest.approx(0.01)
+    assert families["multitun_path_stale_dropped"].samples[0].value == 4
 
 
 # A status server of this process, in this process's network namespace.

@@ -8,6 +8,7 @@ handshake between the two (no network needed for that part)."""
 
 import functools
 import socket
+import struct
 
 from multitun import noise
 from multitun.ciphers import CIPHERS
@@ -100,3 +101,18 @@ class EnginePair:
 def ipv4(n: int, size: int = 1400) -> bytes:
     """An IPv4-looking packet (what the engine checks: first nibble, length)."""
     return bytes([0x45]) + n.to_bytes(4, "big") + bytes(size - 5)
+
+
+def udp4(sport: int, dport: int, size: int = 1400, tos: int = 0, seq: int = 0) -> bytes:
+    """An IPv4/UDP packet of ``size`` bytes from 10.0.0.1:sport to
+    10.0.0.2:dport, with ``tos`` and ``seq`` at the payload's start: what a
+    paced path's queue tells flows by."""
+    ip = struct.pack("!BBHHHBBH4s4s", 0x45, tos, size, 0, 0, 64, 17, 0,
+                     bytes([10, 0, 0, 1]), bytes([10, 0, 0, 2]))
+    udp = struct.pack("!HHHH", sport, dport, size - 20, 0)
+    return (ip + udp + struct.pack("!I", seq)).ljust(size, b".")
+
+
+def seq_of(packet: bytes) -> int:
+    """The ``seq`` udp4() put in a packet."""
+    return struct.unpack_from("!I", packet, 28)[0]
