@@ -20,7 +20,7 @@ The parts (docs/ARCHITECTURE.md describes each), in multitun/fastpath/:
   (checksum.pxd), the AEAD (aead.pxd), TSO/USO splitting (segment.pxd), TCP
   coalescing (coalesce.pxd), socket addresses and control messages
   (addresses.pxd), the handshake limiter per source (limiter.pxd), a paced
-  path's flow queue with CoDel (flowqueue.pxd); the constants
+  path's flow queue (flowqueue.pxd) and its CoDel (codel.pxd); the constants
   (constants.pxd) and counters (counters.pxd);
 - stateful, a ``final`` class each, ``include``d here: the TUN boundary
   (tun.pxi), the keys (keyring.pxi), path I/O (paths.pxi), the control
@@ -62,6 +62,7 @@ from .fastpath.coalesce cimport (
 from .fastpath.addresses cimport gro_segment_size, same_addr, sticky_source
 from .fastpath.batch cimport Batch, add_packet, next_packet
 from .fastpath.limiter cimport SourceLimiter, limiter_allow
+from .fastpath.codel cimport CODEL_INTERVAL_NS, CODEL_TARGET_NS
 from .fastpath.flowqueue cimport (
     FlowQueue, QPacket, fq_clear, fq_dequeue, fq_enqueue, fq_flow_of, fq_head_sojourn, fq_init,
     qpacket_data,

@@ -1,16 +1,17 @@
 # One path's queue inside multitun: flows served fairly, sparse flows first,
 # urgent DSCP ahead of everything, CoDel on each flow's sojourn time. It is
-# FQ-CoDel (RFC 8290) over CoDel (RFC 8289), with one addition: a band for
+# FQ-CoDel (RFC 8290) over CoDel (RFC 8289, codel.pxd), with one addition: a band for
 # packets marked EF or CS5..CS7 (RFC 4594: telephony, signalling, network
 # control), served before the flows. Only paths that are paced (shaper.pxi)
 # queue here; an unpaced path sends at once. Packets are copies (one per
 # path) allocated on enqueue: a paced path is slower than the TUN by
 # definition, so this is never the fast path.
 
-from libc.math cimport sqrt
-from libc.stdint cimport int64_t, uint8_t, uint32_t, uint64_t
+from libc.stdint cimport uint8_t, uint32_t, uint64_t
 from libc.stdlib cimport free, malloc
 from libc.string cimport memcpy, memset
+
+from .codel cimport CoDel, codel_control_law, codel_enter, codel_ok_to_drop
 
 cdef enum:
     # Flow buckets per path (fq_codel's default is 1024; a path of a tunnel
@@ -45,14 +46,7 @@ cdef struct Flow:
     # Which list the flow is on: 0 none, 1 new, 2 old; and its link there.
     uint8_t listed
     Flow *next
-    # CoDel's state (RFC 8289 section 5): when the sojourn time first went
-    # above target, when the next drop is due, drops in this dropping state
-    # and in the last one.
-    bint dropping
-    uint64_t first_above_ns
-    uint64_t drop_next_ns
-    uint32_t count
-    uint32_t lastcount
+    CoDel codel
 
 
 cdef struct FlowQueue:
@@ -203,60 +197,41 @@ cdef inline bint fq_enqueue(FlowQueue *fq, uint32_t flow, const uint8_t *data, u
     return True
 
 
-cdef inline uint64_t _control_law(FlowQueue *fq, uint64_t t, uint32_t count) noexcept nogil:
-    # RFC 8289 section 5.5: the next drop comes interval/sqrt(count) later.
-    return t + <uint64_t>(fq.interval_ns / sqrt(<double>count))
-
-
 cdef inline QPacket *_codel_take(FlowQueue *fq, Flow *f, uint64_t now, bint *ok_to_drop) noexcept nogil:
-    # RFC 8289 section 5.4 (dodequeue): whether the sojourn time has stayed
-    # above target for an interval. A flow down to one packet's worth is
+    # RFC 8289 section 5.4 (dodequeue). A flow down to one packet's worth is
     # never judged (its queue is not standing).
     cdef QPacket *q = _take_head(fq, f)
-    ok_to_drop[0] = False
     if q == NULL:
-        f.first_above_ns = 0
+        f.codel.first_above_ns = 0
+        ok_to_drop[0] = False
         return NULL
-    if now - q.enqueued_ns < fq.target_ns or f.backlog <= FQ_QUANTUM:
-        f.first_above_ns = 0
-    elif f.first_above_ns == 0:
-        f.first_above_ns = now + fq.interval_ns
-    elif now >= f.first_above_ns:
-        ok_to_drop[0] = True
+    ok_to_drop[0] = codel_ok_to_drop(&f.codel, now, now - q.enqueued_ns,
+                                     f.backlog <= FQ_QUANTUM, fq.target_ns, fq.interval_ns)
     return q
 
 
 cdef inline QPacket *_codel_dequeue(FlowQueue *fq, Flow *f, uint64_t now) noexcept nogil:
     # RFC 8289 section 5.5: in the dropping state, drop on schedule, ever
     # faster, until the sojourn time falls below target; enter it when the
-    # sojourn time stayed above target for an interval, resuming the drop
-    # rate of the last dropping state if that was recent.
+    # sojourn time stayed above target for an interval.
     cdef bint ok
-    cdef uint32_t delta
+    cdef CoDel *c = &f.codel
     cdef QPacket *q = _codel_take(fq, f, now, &ok)
-    if f.dropping:
+    if c.dropping:
         if not ok:
-            f.dropping = False
-        while f.dropping and now >= f.drop_next_ns:
+            c.dropping = False
+        while c.dropping and now >= c.drop_next_ns:
             _drop(fq, q)
-            f.count += 1
+            c.count += 1
             q = _codel_take(fq, f, now, &ok)
             if not ok:
-                f.dropping = False
+                c.dropping = False
             else:
-                f.drop_next_ns = _control_law(fq, f.drop_next_ns, f.count)
+                c.drop_next_ns = codel_control_law(c.drop_next_ns, c.count, fq.interval_ns)
     elif ok:
         _drop(fq, q)
         q = _codel_take(fq, f, now, &ok)
-        f.dropping = True
-        delta = f.count - f.lastcount
-        # Signed: drop_next may lie ahead of now.
-        if delta > 1 and <int64_t>(now - f.drop_next_ns) < <int64_t>(16 * fq.interval_ns):
-            f.count = delta
-        else:
-            f.count = 1
-        f.drop_next_ns = _control_law(fq, now, f.count)
-        f.lastcount = f.count
+        codel_enter(c, now, fq.interval_ns)
     return q
 
 
@@ -322,6 +297,5 @@ cdef inline void fq_clear(FlowQueue *fq) noexcept nogil:
             q = _take_head(fq, &fq.flows[i])
         fq.flows[i].listed = 0
         fq.flows[i].next = NULL
-        fq.flows[i].dropping = False
-        fq.flows[i].first_above_ns = 0
+        memset(&fq.flows[i].codel, 0, sizeof(CoDel))
     fq.new_head = fq.new_tail = fq.old_head = fq.old_tail = NULL

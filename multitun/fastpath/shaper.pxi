@@ -12,10 +12,6 @@ cdef enum:
     # burst of 2 ms, so that the timer wakes the loop at most every couple
     # of packets on a fast path, and never to send a single one.
     PACE_BURST_NS = 2000000
-    # CoDel's constants inside multitun (RFC 8289 section 4.3 and 4.4): the
-    # queue a paced path keeps of its own, on top of the bottleneck's.
-    CODEL_TARGET_NS = 5000000
-    CODEL_INTERVAL_NS = 100000000
     # A paced path's queue holds at most this long of its rate (and at least
     # FQ_MIN_LIMIT_BYTES): what an unresponsive flow sends beyond it is
     # dropped from that flow's oldest packets.
