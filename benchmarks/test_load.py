@@ -13,7 +13,7 @@ import json
 import pytest
 
 from multitun.lab import TunnelPair
-from multitun.lab.load import Scenario, run
+from multitun.lab.load import Scenario, run, table
 
 from .conftest import requires_root
 
@@ -24,18 +24,7 @@ def scenario_on(python, logs):
     scenario = Scenario()
     with scenario.bed() as bed, TunnelPair(bed, logs, python=python) as pair:
         pair.wait_carrying()
-        return scenario, run(bed, scenario)
-
-
-def print_table(name, phases):
-    print(f"\n{name}")
-    print(f"{'phase':8} {'control p50':>12} {'control p99':>12} {'lost':>5} "
-          f"{'video %':>8} {'video Mbit/s':>13}")
-    for phase, f in phases.items():
-        p50 = "-" if f["control_p50_ms"] is None else f"{f['control_p50_ms']:.1f} ms"
-        p99 = "-" if f["control_p99_ms"] is None else f"{f['control_p99_ms']:.1f} ms"
-        print(f"{phase:8} {p50:>12} {p99:>12} {f['control_lost']:>5} "
-              f"{f['video_delivered_pct']:>8} {f['video_mbit_s']:>13}")
+        return scenario, run(bed, scenario).phases
 
 
 def test_video_and_control_through_a_failure(benchmark, request, tmp_path):
@@ -52,9 +41,9 @@ def test_video_and_control_through_a_failure(benchmark, request, tmp_path):
     benchmark.pedantic(measure, rounds=1, iterations=1)
     scenario, phases = results["scenario"], results["this"]
     if baseline:
-        print_table("other version", results["other"])
+        print("\nother version\n" + table(results["other"]))
         benchmark.extra_info["other"] = results["other"]
-    print_table("this version", phases)
+    print("\nthis version\n" + table(phases))
     benchmark.extra_info["this"] = phases
     print(json.dumps(phases))
     before, outage, after = phases["before"], phases["outage"], phases["after"]

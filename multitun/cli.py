@@ -28,7 +28,7 @@ from .config import (
     DEFAULT_QUEUE_TARGET_MS, DEFAULT_TIMEOUT, MAX_MTU, Config, parse_address, parse_hostport,
     parse_int, parse_paths, parse_port, parse_queue_target, parse_rate_cap, parse_tun_address,
 )
-from .errors import ConfigError, SetupError
+from .errors import ConfigError, OneLineParser, SetupError
 from .keyfile import load_key
 
 EXAMPLES = """\
@@ -52,12 +52,6 @@ examples:
   IPv6 inside the tunnel too, and an IPv6 path:
     multitun -l 10.42.42.2 -l fd42::2/64 -c [2001:db8::2]:[2001:db8::1]
 """
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # type: ignore[override]
-        # One line, not argparse's usage block: a service log stays readable.
-        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def _checked(parse: Callable[[str], object]) -> Callable[[str], object]:
@@ -108,7 +102,7 @@ class JsonFormatter(logging.Formatter):
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser; no side effects (the man page is generated from it)."""
-    p = _Parser(
+    p = OneLineParser(
         prog="multitun",
         description="Multi-path duplicating tunnel. Every IP packet entering the TUN device\n"
                     "is sent over every path at once; the receiver delivers the first copy\n"

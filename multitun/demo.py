@@ -7,11 +7,14 @@ each bare path and through the tunnel at the same time, so that all see the
 same conditions. While it runs it prints a line a second; at the end, a table
 of each path against the tunnel. Everything it made is removed when it ends,
 also on error or Ctrl-C.
+
+``--load`` runs the load scenario instead (multitun.lab.load): video and
+control traffic through the tunnel over a fast path that fails and a
+capacity-limited LTE-like backup, shown per second and per phase.
 """
 
 from __future__ import annotations
 
-import argparse
 import importlib.util
 import json
 import os
@@ -21,8 +24,9 @@ import tempfile
 import time
 from pathlib import Path
 
+from .errors import OneLineParser
+from .lab import TUN_CLIENT, TUN_SERVER, Bed, TunnelPair, latency_probe, load, summarise
 from .lab.emulator import Impairment
-from .lab import TUN_CLIENT, TUN_SERVER, Bed, TunnelPair, latency_probe, summarise
 from .status import StatusError, query
 
 
@@ -37,17 +41,21 @@ def profiles(duration: float) -> list[tuple[str, Impairment]]:
     ]
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+def build_parser() -> OneLineParser:
+    p = OneLineParser(
         prog="multitun demo",
         description="Run a tunnel over three emulated links (LTE-like 35 +- 15 ms, 2%% loss; "
                     "5G-like 15 +- 10 ms, 1%% loss, a 3 s outage; Wi-Fi-like 8 +- 6 ms with "
                     "bursts of loss) between two network namespaces, and compare its one-way "
                     "delay and loss with each link's. Needs root; leaves nothing behind.")
-    p.add_argument("--duration", type=float, default=20.0, metavar="S",
+    p.add_argument("--duration", type=float, metavar="S",
                    help="seconds of measurement (default 20)")
-    p.add_argument("--rate", type=float, default=100.0, metavar="PPS",
+    p.add_argument("--rate", type=float, metavar="PPS",
                    help="probe datagrams per second on each path and the tunnel (default 100)")
+    p.add_argument("--load", action="store_true",
+                   help="instead: 9.6 Mbit/s of video and 100 control datagrams a second "
+                        "through the tunnel, over a 40 Mbit/s path that fails from 10 to 13 s "
+                        "and an LTE-like backup (30 ms, 6 Mbit/s, a modem's buffer); 18 s")
     p.add_argument("--json", type=Path, metavar="FILE", help="write the results as JSON")
     p.add_argument("--plot", type=Path, metavar="FILE.png",
                    help="draw delay distributions and a timeline (needs matplotlib)")
@@ -57,6 +65,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str]) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.load and (args.duration is not None or args.rate is not None):
+        parser.error("--load runs its own scenario: no --duration or --rate with it")
+    args.duration = 20.0 if args.duration is None else args.duration
+    args.rate = 100.0 if args.rate is None else args.rate
     if not 2 <= args.duration <= 3600:
         parser.error("--duration must be between 2 and 3600 seconds")
     if not 1 <= args.rate <= 10000:
@@ -71,17 +83,21 @@ def main(argv: list[str]) -> int:
               "TUN devices)", file=sys.stderr)
         return 2
     try:
-        report = run(args.duration, args.rate)
+        report = run_load() if args.load else run(args.duration, args.rate)
     except KeyboardInterrupt:  # the bed is gone by now: its with-block ended
         print("interrupted; namespaces removed", file=sys.stderr)
         return 130
-    print_summary(report)
+    if args.load:
+        print("\nPer phase: control datagrams' one-way delay ('-': more than 1% lost), "
+              "video delivered:\n" + load.table(report["phases"]))
+    else:
+        print_summary(report)
     if args.json:
         args.json.write_text(json.dumps({k: v for k, v in report.items() if k != "raw"},
                                         indent=2))
         print(f"results written to {args.json}")
     if args.plot:
-        plot(report, args.plot)
+        (plot_load if args.load else plot)(report, args.plot)
         print(f"plot written to {args.plot}")
     return 0
 
@@ -117,6 +133,42 @@ def run(duration: float, rate: float) -> dict:
     }
     print("namespaces removed")
     return report
+
+
+def run_load() -> dict:
+    scenario = load.Scenario()
+    with tempfile.TemporaryDirectory() as logs, scenario.bed() as bed, \
+            TunnelPair(bed, Path(logs)) as pair:
+        print(f"path 0: {scenario.best_delay_ms:g} ms, {scenario.best_rate_bps / 1e6:g} Mbit/s, "
+              f"down {scenario.outage[0]:g}-{scenario.outage[1]:g} s; path 1: "
+              f"{scenario.backup_delay_ms:g} ms, {scenario.backup_rate_bps / 1e6:g} Mbit/s, "
+              f"a {scenario.backup_queue}-frame buffer")
+        print(f"tunnel {TUN_CLIENT} -> {TUN_SERVER} carrying after {pair.wait_carrying():.1f} s; "
+              f"sending {scenario.video_bps / 1e6:g} Mbit/s of video and "
+              f"{scenario.control_hz:g} control datagrams a second until "
+              f"{scenario.end:g} s")
+        result = load.run(bed, scenario, progress=lambda *a: load_line(bed, *a))
+    print("namespaces removed")
+    return {"scenario": {"outage_s": list(scenario.outage), "end_s": scenario.end,
+                         "backup_mbit_s": scenario.backup_rate_bps / 1e6,
+                         "video_mbit_s": scenario.video_bps / 1e6},
+            "phases": result.phases,
+            "raw": {"control": result.control, "video": result.video}}
+
+
+def load_line(bed: Bed, at: float, control: list[float | None], video_mbit: float) -> None:
+    got = sorted(v for v in control if v is not None)
+    p50 = f"{got[len(got) // 2]:6.1f} ms" if got else "     -   "
+    try:
+        st = query("multitun0", bed.socket(bed.client, socket.AF_UNIX, socket.SOCK_STREAM))
+        paths = " | ".join(
+            f"path{p['index']} {p['state']:4}"
+            + (f" paced {p['pacing_mbit']:.1f} Mbit/s" if p["pacing_mbit"] else "")
+            for p in st["paths"])
+    except StatusError:
+        paths = ""
+    print(f"  {at:4.0f}s  control p50 {p50}, {len(control) - len(got):3d} lost | video "
+          f"{video_mbit:5.2f} Mbit/s | {paths}", flush=True)
 
 
 def describe(imp: Impairment) -> str:
@@ -218,6 +270,42 @@ def plot(report: dict, path: Path) -> None:
     timeline.set(xlabel="time since the links came up (s)", ylabel="one-way delay (ms)",
                  title="Every datagram, over time")
     timeline.legend(markerscale=3, loc="upper right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_load(report: dict, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    raw, scenario = report["raw"], report["scenario"]
+    fig, (delay, video) = plt.subplots(2, 1, figsize=(10, 8), sharex=True)
+    delay.scatter([t for t, d in raw["control"] if d is not None],
+                  [d for _, d in raw["control"] if d is not None], s=4, color="black",
+                  label="control datagrams")
+    lost = [t for t, d in raw["control"] if d is None]
+    if lost:
+        delay.scatter(lost, [0] * len(lost), marker="x", color="red", label="lost")
+    delay.set(ylabel="one-way delay (ms)", title="Control traffic through the tunnel")
+    delay.set_yscale("log")
+    # Video delivered per quarter second, by send time.
+    step = 0.25
+    bins: dict[int, int] = {}
+    for t, got in raw["video"]:
+        bins[int(t / step)] = bins.get(int(t / step), 0) + got
+    keys = sorted(bins)
+    size = (load.Scenario.video_payload + load.INNER_HEADERS) * 8 / 1e6 / step
+    video.plot([k * step for k in keys], [bins[k] * size for k in keys], color="black",
+               label="video delivered")
+    video.axhline(scenario["backup_mbit_s"], color="grey", linestyle="--",
+                  label="backup path's capacity")
+    video.set(xlabel="time (s)", ylabel="Mbit/s", title="Video through the tunnel")
+    for ax, where in ((delay, "upper right"), (video, "lower left")):
+        ax.axvspan(*scenario["outage_s"], color="red", alpha=0.1, label="best path down")
+        ax.grid(True, alpha=0.3)
+        ax.legend(loc=where)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

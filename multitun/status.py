@@ -16,7 +16,6 @@ backlog, or in connect() once it is full.
 
 from __future__ import annotations
 
-import argparse
 import errno
 import json
 import os
@@ -29,7 +28,7 @@ from typing import TYPE_CHECKING
 
 from ._version import __version__
 from .counters import PATH_COUNTERS, TUNNEL_COUNTERS
-from .errors import SetupError
+from .errors import OneLineParser, SetupError
 from .logfields import hostport
 from .ratelimit import TokenBucket
 
@@ -280,8 +279,8 @@ def render(st: dict) -> str:
     return "\n".join(lines)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+def build_parser() -> OneLineParser:
+    p = OneLineParser(
         prog="multitun status",
         description="Show the paths and counters of a multitun instance running in this "
                     "network namespace (needs root or the instance's user).")

@@ -17,6 +17,7 @@ import socket
 import struct
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from ..paths import SO_RCVBUFFORCE
@@ -87,9 +88,37 @@ class Phase:
         }
 
 
-def run(bed: Bed, scenario: Scenario = Scenario()) -> dict[str, dict]:
-    """Send both streams from now until ``scenario.end``; the phases' figures.
-    The tunnel must already carry traffic."""
+@dataclass
+class Run:
+    """What a run measured: per phase, and per datagram (for plots): when
+    each control datagram left (s on the emulator's clock) and its one-way
+    delay in ms (None: lost), and when each video datagram left and whether
+    it arrived."""
+
+    phases: dict[str, dict]
+    control: list[tuple[float, float | None]]
+    video: list[tuple[float, bool]]
+
+
+def table(phases: dict[str, dict]) -> str:
+    """The phases as a table."""
+    lines = [f"{'phase':8} {'control p50':>12} {'control p99':>12} {'lost':>5} "
+             f"{'video %':>8} {'video Mbit/s':>13}"]
+    for phase, f in phases.items():
+        p50 = "-" if f["control_p50_ms"] is None else f"{f['control_p50_ms']:.1f} ms"
+        p99 = "-" if f["control_p99_ms"] is None else f"{f['control_p99_ms']:.1f} ms"
+        lines.append(f"{phase:8} {p50:>12} {p99:>12} {f['control_lost']:>5} "
+                     f"{f['video_delivered_pct']:>8} {f['video_mbit_s']:>13}")
+    return "\n".join(lines)
+
+
+def run(bed: Bed, scenario: Scenario = Scenario(),
+        progress: Callable[[float, list[float | None], float], None] | None = None) -> Run:
+    """Send both streams from now until ``scenario.end``; what arrived. The
+    tunnel must already carry traffic. ``progress`` is called about once a
+    second with the time (s on the emulator's clock), the control delays of
+    the last second (ms, None: not arrived) and the video Mbit/s of the
+    second before it."""
     origin = bed.emulator_start_ns
     start = (time.monotonic_ns() - origin) / 1e9
     spans = scenario.phases(start)
@@ -121,8 +150,12 @@ def run(bed: Bed, scenario: Scenario = Scenario()) -> dict[str, dict]:
         gaps = {VIDEO_PORT: video_gap, CONTROL_PORT: control_gap}
         bodies = {VIDEO_PORT: video, CONTROL_PORT: control}
         end = origin / 1e9 + scenario.end
+        next_progress = t0 + 1
         while time.monotonic() < end:
             now = time.monotonic()
+            if progress and now >= next_progress:
+                progress(*_last_second(sent, arrived, origin, scenario))
+                next_progress += 1
             for port in (CONTROL_PORT, VIDEO_PORT):
                 while t0 + counts[port] * gaps[port] <= now:
                     seq = counts[port]
@@ -139,15 +172,36 @@ def run(bed: Bed, scenario: Scenario = Scenario()) -> dict[str, dict]:
         stop.set()
         catcher.join()
     phases = {name: Phase(b - a) for name, (a, b) in spans.items()}
+    control, video = [], []
     for (port, seq), stamp in sent.items():
         at = (stamp - origin) / 1e9
+        got = arrived.get((port, seq))
+        delay = None if got is None else (got - stamp) / MS
+        if port == CONTROL_PORT:
+            control.append((at, delay))
+        else:
+            video.append((at, got is not None))
         for name, (a, b) in spans.items():
             if a <= at < b:
                 phase = phases[name]
-                got = arrived.get((port, seq))
                 if port == CONTROL_PORT:
-                    phase.control.append(None if got is None else (got - stamp) / MS)
+                    phase.control.append(delay)
                 else:
                     phase.video_sent += 1
                     phase.video_received += got is not None
-    return {name: phase.summary(scenario.video_payload) for name, phase in phases.items()}
+    return Run({name: phase.summary(scenario.video_payload) for name, phase in phases.items()},
+               control, video)
+
+
+def _last_second(sent: dict, arrived: dict, origin: int,
+                 scenario: Scenario) -> tuple[float, list[float | None], float]:
+    now = time.monotonic_ns()
+    # Control datagrams of the last second but the newest 200 ms (still on
+    # their way); video of the second before that, so that it had time to come.
+    control = [None if (got := arrived.get(key)) is None else (got - stamp) / MS
+               for key, stamp in list(sent.items())
+               if key[0] == CONTROL_PORT and 200 * MS < now - stamp <= 1200 * MS]
+    video = sum(1 for key, stamp in list(sent.items()) if key[0] == VIDEO_PORT
+                and 1000 * MS < now - stamp <= 2000 * MS and key in arrived)
+    mbit = video * (scenario.video_payload + INNER_HEADERS) * 8 / 1e6
+    return (now - origin) / 1e9, control, mbit
