@@ -65,15 +65,21 @@ class Bottleneck:
         return self.queue / self.capacity * 1000
 
 
+def sample(path: Bottleneck, cap: PathCapacity, n: int) -> tuple[list[int], list[float]]:
+    """The pacing rate and the bottleneck's queue (ms), every 100 ms, n times."""
+    rates, delays = [], []
+    for _ in range(n):
+        path.run(cap, 0.1)
+        rates.append(cap.pacing_rate)
+        delays.append(path.queue_delay_ms)
+    return rates, delays
+
+
 def test_a_saturated_path_is_paced_near_its_capacity_with_a_short_queue():
     path = Bottleneck(capacity=750_000, offered=1_200_000)  # 6 Mbit/s, 9.6 offered
     cap = PathCapacity(TARGET)
     path.run(cap, 3.0)
-    delays, rates = [], []
-    for _ in range(50):
-        path.run(cap, 0.1)
-        delays.append(path.queue_delay_ms)
-        rates.append(cap.pacing_rate)
+    rates, delays = sample(path, cap, 50)
     assert max(delays) <= TARGET / MS
     assert 0.85 * 750_000 <= min(rates) and max(rates) <= 1.15 * 750_000
     assert cap.capacity == pytest.approx(750_000, rel=0.05)
@@ -133,11 +139,7 @@ def test_a_base_that_rose_is_found_again():
     path.run(cap, 1.0)
     assert cap.queue_delay_ns > TARGET
     path.run(cap, 12.0)
-    rates, delays = [], []
-    for _ in range(20):
-        path.run(cap, 0.1)
-        rates.append(cap.pacing_rate)
-        delays.append(path.queue_delay_ms)
+    rates, delays = sample(path, cap, 20)
     assert sum(rates) / len(rates) >= 0.85 * 750_000
     assert sum(delays) / len(delays) < TARGET / MS
 
