@@ -6,10 +6,13 @@ received the probe, by its clock, and how many bytes it had received on the
 path. From successive replies:
 
 - the forward one-way delay, up to the two clocks' unknown offset: the
-  peer's receive time less our send time. Its minimum over the last
-  ``MIN_WINDOW_NS`` is the path's base; what lies above it is the queue on
-  the way there (a queue on the way back does not count, as it would in the
-  round trip);
+  peer's receive time less our send time. Its ``BASE_PERCENTILE``th
+  percentile over the last ``MIN_WINDOW_NS`` is the path's base; what lies
+  above it is the queue on the way there (a queue on the way back does not
+  count, as it would in the round trip). Not the minimum: with jitter, the
+  minimum of a hundred samples lies two or three deviations below the
+  typical delay, and jitter alone would read as a queue and pace the path
+  down;
 - the delivery rate: bytes the peer received between two replies, over the
   time between them on its clock.
 
@@ -18,23 +21,28 @@ controller on the queueing delay, anchored to what the path delivered (as
 BBR anchors its pacing to the delivery rate; Cardwell et al., ACM Queue
 14(5), 2016):
 
-- whenever the queue is above ``target``, or the path is paced and the pacer
-  held packets back, the next rate is the delivery rate times
+- a path is paced once its queue has stood above ``target`` for
+  ``ENTER_SAMPLES`` replies in a row: a queue, not a late reply;
+- while paced, whenever the queue is above target or the pacer held packets
+  back, the next rate is the delivery rate times
   ``1 + GAIN * (setpoint - queue) / setpoint``, within ``DRAIN_FLOOR`` and
   ``1 + GAIN``, where the setpoint is half the target: more while the queue
   is shorter, less once it is longer, so that it stays within the target
-  as it swings (the feedback is a round trip and a probe interval late);
+  as it swings (the feedback is a round trip and a probe interval late).
+  Never below ``DRAIN_FLOOR`` of the most the path delivered lately: where
+  the delivery rate only follows our own pacing, cuts must not compound;
 - paced, and for ``RELEASE_NS`` neither a queue above target nor a held
   packet: the path is not the bottleneck any more; stop pacing;
-- paced, holding packets back, and the minimum is ``PROBE_BASE_AFTER_NS``
-  old: a paced path's queue seldom empties, so its minimum may include a
-  queue, or hide a base that rose (a new route). Drain, at ``DRAIN_FLOOR``
-  of its capacity, until the one-way delay stops falling: the queue is
-  empty then, and the samples show the base (BBR's PROBE_RTT, for the same
-  reason). It costs a few probe intervals at half rate every few seconds;
+- paced, holding packets back, and the window's minimum is
+  ``PROBE_BASE_AFTER_NS`` old: a paced path's queue seldom empties, so its
+  base may include a queue, or hide a base that rose (a new route). Drain,
+  at ``DRAIN_FLOOR`` of its capacity, until the one-way delay stops
+  falling: the queue is empty then, and the samples show the base (BBR's
+  PROBE_RTT, for the same reason). It costs a few probe intervals at half
+  rate every few seconds;
 - a queue that has not fallen over a round trip and ``STUCK_NS`` while we
   pace at most ``STUCK_GAIN`` of the delivery rate is no queue of ours
-  (ours would drain by a tenth of the rate a second at least): the base rose
+  (ours would drain by a twentieth of the rate a second at least): the base rose
   (a new route), or others hold the bottleneck's queue, which our backing
   off would not drain. The window restarts from the current sample instead
   of pacing the path down to nothing.
@@ -47,9 +55,9 @@ from __future__ import annotations
 import collections
 from dataclasses import dataclass, field
 
-# The base one-way delay is the minimum over this long (as BBR's min RTT):
-# long enough to see the path empty now and then, short enough to follow a
-# route that changed.
+# The base one-way delay is taken over this long (as BBR's min RTT): long
+# enough to see the path empty now and then, short enough to follow a route
+# that changed.
 MIN_WINDOW_NS = 10_000_000_000
 # Delivery-rate samples span at least this long (shorter ones are noise).
 MIN_SAMPLE_NS = 50_000_000
@@ -66,7 +74,9 @@ PROBE_BASE_AFTER_NS = 8_000_000_000
 # The one-way delay still falls while a sample is this much below the last.
 FALLING_NS = 1_000_000
 STUCK_NS = 300_000_000
-STUCK_GAIN = 0.9
+ENTER_SAMPLES = 3
+BASE_PERCENTILE = 10
+STUCK_GAIN = 0.95
 
 
 @dataclass
@@ -81,12 +91,16 @@ class PathCapacity:
     rtt_min_ns: int | None = None
     # Probe number -> when it left.
     _sent: dict[int, int] = field(default_factory=dict)
-    # (time, one-way delay) kept while they may still be the window's minimum.
+    # (time, one-way delay): every sample of the window, and those that may
+    # still be its minimum (a monotonic deque: the minimum is at its left).
+    _window: collections.deque = field(default_factory=collections.deque)
     _owd: collections.deque = field(default_factory=collections.deque)
     # The last reply a delivery rate was measured from: peer_rx_ns, peer_rx_bytes.
     _last: tuple[int, int] | None = None
     _rates: collections.deque = field(default_factory=collections.deque)
     _calm_since_ns: int | None = None
+    # Replies in a row with the queue above target.
+    _above: int = 0
     # The last sample's one-way delay; whether a drain to find the base is
     # on, and how many samples it has seen.
     _last_owd_ns: int | None = None
@@ -127,14 +141,18 @@ class PathCapacity:
             self._control(now_ns, held)
 
     def _queue_delay(self, now_ns: int, owd_ns: int, rtt_ns: int) -> None:
-        # A monotonic deque: the window's minimum is at its left.
         owd = self._owd
         while owd and owd[-1][1] >= owd_ns:
             owd.pop()
         owd.append((now_ns, owd_ns))
         while now_ns - owd[0][0] > MIN_WINDOW_NS and len(owd) > 1:
             owd.popleft()
-        self.queue_delay_ns = owd_ns - owd[0][1]
+        window = self._window
+        window.append((now_ns, owd_ns))
+        while now_ns - window[0][0] > MIN_WINDOW_NS:
+            window.popleft()
+        values = sorted(v for _, v in window)
+        self.queue_delay_ns = max(0, owd_ns - values[len(values) * BASE_PERCENTILE // 100])
         falling = self._last_owd_ns is not None and owd_ns < self._last_owd_ns - FALLING_NS
         self._last_owd_ns = owd_ns
         if self._finding_base:
@@ -144,6 +162,8 @@ class PathCapacity:
             if self.queue_delay_ns >= self._draining[1] - FALLING_NS:
                 owd.clear()
                 owd.append((now_ns, owd_ns))
+                self._window.clear()
+                self._window.append((now_ns, owd_ns))
                 self.queue_delay_ns = 0
                 self._draining = None
             else:  # it fell: judge the next stretch from here
@@ -151,16 +171,18 @@ class PathCapacity:
 
     def _control(self, now_ns: int, held: bool) -> None:
         q, delivered = self.queue_delay_ns or 0, self.delivery_rate or 0.0
+        self._above = self._above + 1 if q > self.target_ns else 0
         if self.rate is not None and held and not self._finding_base \
                 and now_ns - self._owd[0][0] >= PROBE_BASE_AFTER_NS:
             self._finding_base = 1
         if self._finding_base:
             self.rate = (self.capacity or delivered) * DRAIN_FLOOR
             self._calm_since_ns = None
-        elif q > self.target_ns or (held and self.rate is not None):
+        elif (self._above >= ENTER_SAMPLES if self.rate is None
+              else q > self.target_ns or held):
             setpoint = self.target_ns / 2
             gain = min(1.0 + GAIN, max(DRAIN_FLOOR, 1.0 + GAIN * (setpoint - q) / setpoint))
-            self.rate = delivered * gain
+            self.rate = max(delivered * gain, (self.capacity or 0.0) * DRAIN_FLOOR)
             self._calm_since_ns = None
             if gain > STUCK_GAIN:
                 self._draining = None

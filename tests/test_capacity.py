@@ -2,6 +2,7 @@
 feedback a path would give: a fluid model of a bottleneck with a queue,
 probed every 100 ms, the replies a round trip late."""
 
+import random
 from dataclasses import dataclass, field
 
 import pytest
@@ -16,12 +17,16 @@ TARGET = 15 * MS
 class Bottleneck:
     """One direction of a path: ``capacity`` bytes/s behind a FIFO (the
     modem's buffer), ``base_ns`` of delay; our sender offers ``offered``
-    bytes/s, paced by the estimate. The peer's clock is ``offset_ns`` off."""
+    bytes/s, paced by the estimate. The peer's clock is ``offset_ns`` off.
+    ``jitter_ns``: each probe's one-way delay also varies this much (normal,
+    independent from probe to probe, never below zero delay)."""
 
     capacity: float
     offered: float
     base_ns: int = 30 * MS
     offset_ns: int = 123_456_789_000
+    jitter_ns: int = 0
+    rng: random.Random = field(default_factory=lambda: random.Random(7))
     queue: float = 0.0          # bytes at the bottleneck
     backlog: float = 0.0        # bytes held by our pacer
     delivered: float = 0.0
@@ -48,6 +53,8 @@ class Bottleneck:
             if step % probe_ms == 0:
                 number += 1
                 qdelay = int(self.queue / self.capacity * 1e9)
+                if self.jitter_ns:
+                    qdelay = max(-self.base_ns, qdelay + int(self.rng.gauss(0, self.jitter_ns)))
                 cap.sent(number, now)
                 # The probe arrives after the queue ahead of it has drained.
                 peer_rx = now + self.base_ns + qdelay + self.offset_ns
@@ -80,7 +87,11 @@ def test_a_saturated_path_is_paced_near_its_capacity_with_a_short_queue():
     cap = PathCapacity(TARGET)
     path.run(cap, 3.0)
     rates, delays = sample(path, cap, 50)
-    assert max(delays) <= TARGET / MS
+    # The queue swings about half the target; its base, a low percentile of
+    # the window rather than its minimum (for jitter), lets it overshoot a
+    # little.
+    assert sum(delays) / len(delays) <= TARGET / MS
+    assert max(delays) <= 1.5 * TARGET / MS
     assert 0.85 * 750_000 <= min(rates) and max(rates) <= 1.15 * 750_000
     assert cap.capacity == pytest.approx(750_000, rel=0.05)
     assert cap.as_dict()["capacity_mbit"] == pytest.approx(6.0, rel=0.05)
@@ -94,6 +105,31 @@ def test_a_path_that_is_not_the_bottleneck_is_not_paced():
     assert cap.queue_delay_ns is not None and cap.queue_delay_ns < MS
 
 
+def test_jitter_alone_is_no_queue():
+    # A lightly used radio link whose delay jitters by a third of the target
+    # from probe to probe: never paced (with the minimum as the base, it
+    # was paced most of the time, at its own load).
+    path = Bottleneck(capacity=5_000_000, offered=20_000, base_ns=35 * MS, jitter_ns=5 * MS)
+    cap = PathCapacity(TARGET)
+    paced = 0
+    for _ in range(600):
+        path.run(cap, 0.1)
+        paced += cap.pacing_rate > 0
+    assert paced == 0
+
+
+def test_a_saturated_path_with_jitter_is_still_paced_with_a_short_queue():
+    # Jitter reads partly as queue to the control law (its base is the
+    # minimum), so the path is paced below its capacity: about 0.75 of it
+    # at a third of the target. Latency before bandwidth (README).
+    path = Bottleneck(capacity=750_000, offered=1_200_000, jitter_ns=5 * MS)
+    cap = PathCapacity(TARGET)
+    path.run(cap, 3.0)
+    rates, delays = sample(path, cap, 50)
+    assert 0.65 * 750_000 <= sum(rates) / len(rates) <= 1.1 * 750_000
+    assert sum(delays) / len(delays) <= TARGET / MS
+
+
 def test_a_standing_queue_drains():
     # A modem buffer full from before: 1.2 s of queue, so that the first
     # feedback comes 1.3 s late, and meanwhile the queue grows.
@@ -102,10 +138,10 @@ def test_a_standing_queue_drains():
     path.run(cap, 2.0)
     assert path.queue_delay_ms > 1000
     # The first samples took the queue for the base: each lower one is the
-    # new base, and it drains to about the target, if slowly (the base is
-    # never seen whole while the queue stands).
+    # new base, and it drains, but slowly (the base is never seen whole
+    # while the queue stands): a limitation the README names.
     path.run(cap, 18.0)
-    assert path.queue_delay_ms < 2 * TARGET / MS
+    assert path.queue_delay_ms < 200
     assert cap.pacing_rate > 0
 
 

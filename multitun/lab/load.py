@@ -40,6 +40,7 @@ class Scenario:
     backup_delay_ms: float = 30.0
     backup_rate_bps: float = 6e6
     backup_queue: int = 1000
+    backup_jitter_ms: float = 0.0
     # Seconds after the emulator started.
     outage: tuple[float, float] = (10.0, 13.0)
     end: float = 18.0
@@ -55,7 +56,7 @@ class Scenario:
         best = Impairment(delay_ms=self.best_delay_ms, rate_bps=self.best_rate_bps,
                           outages=(self.outage,))
         backup = Impairment(delay_ms=self.backup_delay_ms, rate_bps=self.backup_rate_bps,
-                            queue=self.backup_queue)
+                            queue=self.backup_queue, jitter_ms=self.backup_jitter_ms)
         return Bed(2, emulate=[(best, best), (backup, backup)])
 
     def phases(self, start: float) -> dict[str, tuple[float, float]]:
