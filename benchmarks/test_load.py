@@ -5,13 +5,16 @@ capacity-limited, bufferbloated backup (multitun/lab/load.py), per phase:
     python3 -m pytest benchmarks/test_load.py -s --baseline-python /tmp/prev/bin/python
 
 With --baseline-python, the other version runs the same scenario on the same
-kind of bed first, for its figures beside these.
+kind of bed first, for its figures beside these. It runs in clear and sealed
+(--key-file): sealed, the copies that lose the race are dropped before
+decryption, and the feedback must still count them.
 """
 
 import json
 
 import pytest
 
+from multitun.keyfile import generate_key
 from multitun.lab import TunnelPair
 from multitun.lab.load import Scenario, run, table
 
@@ -20,23 +23,31 @@ from .conftest import requires_root
 pytestmark = requires_root
 
 
-def scenario_on(python, logs):
+def scenario_on(python, logs, extra):
     scenario = Scenario()
-    with scenario.bed() as bed, TunnelPair(bed, logs, python=python) as pair:
+    with scenario.bed() as bed, TunnelPair(bed, logs, python=python, server_extra=extra,
+                                           client_extra=extra) as pair:
         pair.wait_carrying()
         return scenario, run(bed, scenario).phases
 
 
-def test_video_and_control_through_a_failure(benchmark, request, tmp_path):
+@pytest.mark.parametrize("sealed", [False, True], ids=["clear", "sealed"])
+def test_video_and_control_through_a_failure(benchmark, request, tmp_path, sealed):
     baseline = request.config.getoption("--baseline-python")
+    extra = ()
+    if sealed:
+        key = tmp_path / "key"
+        key.write_text(generate_key())
+        key.chmod(0o600)
+        extra = ("--key-file", str(key))
     results = {}
 
     def measure():
         if baseline:
             (tmp_path / "other").mkdir()
-            results["other"] = scenario_on(baseline, tmp_path / "other")[1]
+            results["other"] = scenario_on(baseline, tmp_path / "other", extra)[1]
         (tmp_path / "this").mkdir()
-        results["scenario"], results["this"] = scenario_on(None, tmp_path / "this")
+        results["scenario"], results["this"] = scenario_on(None, tmp_path / "this", extra)
 
     benchmark.pedantic(measure, rounds=1, iterations=1)
     scenario, phases = results["scenario"], results["this"]

@@ -101,6 +101,8 @@ class PathCapacity:
     _calm_since_ns: int | None = None
     # Replies in a row with the queue above target.
     _above: int = 0
+    # The pacer held packets back since the last sample.
+    _held: bool = False
     # The last sample's one-way delay; whether a drain to find the base is
     # on, and how many samples it has seen.
     _last_owd_ns: int | None = None
@@ -124,12 +126,18 @@ class PathCapacity:
         """The reply to probe ``number``, with the peer's feedback; ``held``:
         the pacer held packets back since the last reply."""
         sent_ns = self._sent.pop(number, None)
-        if sent_ns is None:
-            return
+        if sent_ns is None or rtt_ns <= 0:
+            return  # not a reply to a probe of ours, or a timestamp from the future
+        # Held packets since the last sample, not only since the last reply
+        # (replies may come faster than samples are taken).
+        self._held = self._held or held
         now_ns = sent_ns + rtt_ns
         self.rtt_min_ns = rtt_ns if self.rtt_min_ns is None else min(self.rtt_min_ns, rtt_ns)
         self._queue_delay(now_ns, peer_rx_ns - sent_ns, rtt_ns)
-        if self._last is None:
+        if (self._last is None or peer_rx_ns < self._last[0]
+                or peer_rx_bytes < self._last[1]):
+            # The first reply, or the peer's clock or count started again (it
+            # restarted, or another host answers): measure from here.
             self._last = (peer_rx_ns, peer_rx_bytes)
         elif peer_rx_ns - self._last[0] >= MIN_SAMPLE_NS:
             span = (peer_rx_ns - self._last[0]) / 1e9
@@ -138,7 +146,8 @@ class PathCapacity:
             while self._rates and now_ns - self._rates[0][0] > CAPACITY_WINDOW_NS:
                 self._rates.popleft()
             self._last = (peer_rx_ns, peer_rx_bytes)
-            self._control(now_ns, held)
+            self._control(now_ns, self._held)
+            self._held = False
 
     def _queue_delay(self, now_ns: int, owd_ns: int, rtt_ns: int) -> None:
         owd = self._owd

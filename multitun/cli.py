@@ -164,9 +164,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--queue-target", dest="queue_target_ms", type=_checked(parse_queue_target),
                    default=DEFAULT_QUEUE_TARGET_MS, metavar="MS",
                    help=f"the queueing delay a path's bottleneck may build before the path is "
-                        f"paced below what it delivers; a paced path's copy is dropped as "
-                        f"stale once it would arrive this much later than by the fastest "
-                        f"other path (default {DEFAULT_QUEUE_TARGET_MS:g})")
+                        f"paced to what it delivers; a paced path's copy is dropped as stale "
+                        f"once it would arrive four times this much later than by the "
+                        f"fastest other path (default {DEFAULT_QUEUE_TARGET_MS:g})")
     p.add_argument("--rate", dest="rate_caps", action="append", type=_checked(parse_rate_cap),
                    metavar="PATH=RATE",
                    help="never send faster than RATE bit/s on path PATH (its index, as "

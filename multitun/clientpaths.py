@@ -201,6 +201,7 @@ class ClientPaths:
                 log.warning("%s: %s", p.label, e.strerror)
                 sock.close()
                 return
+            self.states[p.index].new_network()
         p.sock = sock
         if self.engine is not None:
             self._connect(p)

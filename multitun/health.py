@@ -46,8 +46,11 @@ class PathHealth:
     def answered(self, seq: int, rtt_ns: int, now_ns: int) -> bool:
         """Record a reply; True if it brought the path up."""
         probe = self._pending.get(seq)
-        if probe is None or probe[1]:
-            return False  # a late reply already counted as lost, a repeat, a stray
+        if probe is None or probe[1] or rtt_ns <= 0:
+            # A late reply already counted as lost, a repeat, a stray, or a
+            # timestamp that is not ours (in clear anyone on the path could
+            # send one from the future).
+            return False
         probe[1] = True
         if self.rtt_ns is None:
             self.rtt_ns = float(rtt_ns)

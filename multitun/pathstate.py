@@ -28,8 +28,13 @@ class PathState:
         (down until it answers) and capacity (another network, perhaps), and
         is logged when learned."""
         self.health = PathHealth(self.health.down_after_ns, self.health.lost_after_ns)
-        self.capacity = PathCapacity(self.capacity.target_ns, self.capacity.cap)
+        self.new_network()
         self.logged_remote = None
+
+    def new_network(self) -> None:
+        """The path has a new socket (a new address, interface or link): what
+        was learned of its capacity may not hold; learn it again."""
+        self.capacity = PathCapacity(self.capacity.target_ns, self.capacity.cap)
 
 
 class PathStates(dict[int, PathState]):

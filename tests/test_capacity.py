@@ -193,3 +193,24 @@ def test_a_reply_to_an_unknown_probe_changes_nothing():
     cap = PathCapacity(TARGET)
     cap.feedback(99, 60 * MS, 10**12, 10**6, held=False)
     assert cap.queue_delay_ns is None and cap.delay_ns == 0
+
+
+def test_a_timestamp_from_the_future_changes_nothing():
+    # In clear, whoever can send from the server's address can echo any
+    # timestamp: a negative round trip must not become a negative delay.
+    cap = PathCapacity(TARGET)
+    cap.sent(1, 10**9)
+    cap.feedback(1, -5 * MS, 10**12, 10**6, held=False)
+    assert cap.rtt_min_ns is None and cap.delay_ns == 0
+
+
+def test_a_peer_that_restarted_is_measured_afresh():
+    # Its byte count and clock start again: no negative delivery rate.
+    path = Bottleneck(capacity=750_000, offered=1_200_000)
+    cap = PathCapacity(TARGET)
+    path.run(cap, 3.0)
+    path.offset_ns -= 10**12  # another clock
+    path.delivered = path.queue = 0.0  # another count
+    path.run(cap, 3.0)
+    assert cap.delivery_rate > 0 and cap.capacity > 0
+    assert 0 < cap.pacing_rate <= 1.2 * 750_000

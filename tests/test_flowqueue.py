@@ -60,6 +60,24 @@ def test_urgent_dscp_goes_first(dscp, urgent):
     assert (seq_of(first) == 999) is urgent
 
 
+def test_the_urgent_band_cannot_starve_the_flows():
+    # Everything marked EF by one host: the urgent band still goes first,
+    # but no more than a quantum (and the packet that crosses it) between
+    # two of the flows' packets.
+    q = FairQueue()
+    for i in range(100):
+        q.enqueue(udp4(6000, 5060, size=1000, tos=46 << 2, seq=i), 0)
+        q.enqueue(udp4(5000, 80, size=1000, seq=1000 + i), 0)
+    out = [seq_of(q.dequeue(0)) for _ in range(100)]
+    urgent = sum(1 for s in out if s < 1000)
+    assert out[0] == 0 and 50 <= urgent <= 67
+    # Alone, the urgent band has the path to itself.
+    q = FairQueue()
+    for i in range(10):
+        q.enqueue(udp4(6000, 5060, size=1000, tos=46 << 2, seq=i), 0)
+    assert [seq_of(q.dequeue(0)) for _ in range(10)] == list(range(10))
+
+
 def test_flows_spread_over_the_buckets():
     # Ports one apart must not share a bucket more than chance says (a hash
     # whose top bits ignore the last byte put every such pair together).

@@ -20,6 +20,13 @@ def test_down_until_the_first_answer():
     assert h.answered(1, 2 * MS, 3 * MS) is False  # the same reply again: ignored
 
 
+def test_a_timestamp_from_the_future_is_no_answer():
+    h = health()
+    h.sent(1, 0)
+    assert h.answered(1, -3 * MS, MS) is False
+    assert h.state is State.DOWN and h.as_dict()["rtt_ms"] is None
+
+
 def test_goes_down_after_silence_and_up_on_the_next_answer():
     h = health()
     h.sent(1, 0)

@@ -219,6 +219,23 @@ def test_probe_reply_is_sealed_and_the_same_size(pair):
     assert source == pair.udp[1].getsockname()
 
 
+def test_feedback_counts_the_copies_that_lost_the_race(pair):
+    # A copy dropped before decryption (the window had its number) moves no
+    # per-path counter, but it did arrive on the path: the prober's delivery
+    # rate must see it, or a path whose copies always lose would look empty.
+    a, b = pair.engines
+    (datagram,) = capture(pair, [ipv4(3)])
+    assert inject(pair, [datagram, datagram]) == [ipv4(3)]
+    a.send_probe(0, 7, 1)
+    probe = pair.udp[1].recv(100)
+    pair.udp[0].send(probe)
+    b.run(0)
+    pair.udp[1].send(pair.udp[0].recv(100))
+    a.run(0)
+    ((_, _, reply, _, _),) = a.take_control()
+    assert wire.probe_feedback(reply)[1] == b.paths()[0]["rx_bytes"] + len(datagram)
+
+
 def test_a_replayed_probe_is_not_answered(pair):
     a, b = pair.engines
     a.send_probe(0, 1, 1)

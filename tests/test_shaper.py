@@ -170,6 +170,17 @@ def test_a_detached_path_drops_what_it_held(bed_of):
     assert bed.path(1)["stale_dropped"] == held
 
 
+def test_a_path_gone_for_good_is_paced_no_more(bed_of):
+    bed = bed_of(2)
+    bed.a.shape(1, 50_000, 10 * MS)
+    bed.send([udp4(5000, 80, size=1000, seq=i) for i in range(30)])
+    bed.run(0.01)
+    assert bed.path(1)["queue_packets"] > 20
+    bed.a.detach(1, forget=True)
+    one = bed.path(1)
+    assert (one["paced_rate"], one["queue_packets"], one["queue_bytes"]) == (None, 0, 0)
+
+
 def test_shape_refuses_a_path_out_of_range(bed_of):
     bed = bed_of(1)
     with pytest.raises(ValueError):

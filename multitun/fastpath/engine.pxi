@@ -318,6 +318,7 @@ cdef class Engine:
         self.pathset.attach(path, -1)
         if forget:
             memset(&self.pathset.eps[path].c, 0, sizeof(PathCounters))
+            self.shaper.forget(path)
 
     def shape(self, int path, uint64_t rate, uint64_t delay_ns):
         """Pace path ``path`` at ``rate`` bytes/s (0: send at once, as an
@@ -333,6 +334,8 @@ cdef class Engine:
     def forget(self, int path):
         """Stop sending to a server-side endpoint (it was silent too long)."""
         self.pathset.forget(path)
+        if 0 <= path < MAX_PATHS:
+            self.shaper.forget(path)
 
     def stats(self):
         """The tunnel's counters, and its session and key state."""

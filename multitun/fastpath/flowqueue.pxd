@@ -2,7 +2,10 @@
 # urgent DSCP ahead of everything, CoDel on each flow's sojourn time. It is
 # FQ-CoDel (RFC 8290) over CoDel (RFC 8289, codel.pxd), with one addition: a band for
 # packets marked EF or CS5..CS7 (RFC 4594: telephony, signalling, network
-# control), served before the flows. Only paths that are paced (shaper.pxi)
+# control), served before the flows, but for at most a quantum (and the
+# packet that crosses it) between two packets of theirs while they have any:
+# a host that marks everything EF leaves the flows a third of the path at
+# least. Only paths that are paced (shaper.pxi)
 # queue here; an unpaced path sends at once. Packets are copies (one per
 # path) allocated on enqueue: a paced path is slower than the TUN by
 # definition, so this is never the fast path.
@@ -55,6 +58,8 @@ cdef struct FlowQueue:
     Flow *new_tail
     Flow *old_head
     Flow *old_tail
+    # What the urgent band may still send before a flow's packet is due.
+    int urgent_deficit
     uint32_t packets
     uint64_t bytes
     # Bytes the queue holds before it drops from its fattest flow (RFC 8290
@@ -76,6 +81,7 @@ cdef inline void fq_init(FlowQueue *fq, uint64_t target_ns, uint64_t interval_ns
                          uint64_t limit_bytes) noexcept nogil:
     memset(fq, 0, sizeof(FlowQueue))
     fq.limit_bytes = limit_bytes
+    fq.urgent_deficit = FQ_QUANTUM
     fq.target_ns = target_ns
     fq.interval_ns = interval_ns
 
@@ -237,14 +243,17 @@ cdef inline QPacket *_codel_dequeue(FlowQueue *fq, Flow *f, uint64_t now) noexce
 
 cdef inline QPacket *fq_dequeue(FlowQueue *fq, uint64_t now) noexcept nogil:
     """The next packet to send (the caller frees it), or NULL if none is
-    left: the urgent band first, then deficit round robin over the new
-    (sparse) flows before the old ones (RFC 8290 section 4.2)."""
+    left: the urgent band first (within its share), then deficit round
+    robin over the new (sparse) flows before the old ones (RFC 8290
+    section 4.2)."""
     cdef Flow *f
     cdef QPacket *q
     cdef bint from_new
-    q = _take_head(fq, &fq.flows[FQ_URGENT])
-    if q != NULL:
-        return q
+    if fq.urgent_deficit > 0:
+        q = _take_head(fq, &fq.flows[FQ_URGENT])
+        if q != NULL:
+            fq.urgent_deficit -= <int>q.len
+            return q
     while True:
         from_new = fq.new_head != NULL
         if from_new:
@@ -252,7 +261,11 @@ cdef inline QPacket *fq_dequeue(FlowQueue *fq, uint64_t now) noexcept nogil:
         elif fq.old_head != NULL:
             f = fq.old_head
         else:
-            return NULL
+            # Nothing but the urgent band, if that.
+            q = _take_head(fq, &fq.flows[FQ_URGENT])
+            if q != NULL:
+                fq.urgent_deficit -= <int>q.len
+            return q
         if f.deficit <= 0:
             f.deficit += FQ_QUANTUM
             if from_new:
@@ -272,6 +285,7 @@ cdef inline QPacket *fq_dequeue(FlowQueue *fq, uint64_t now) noexcept nogil:
                 _pop(&fq.old_head, &fq.old_tail)
             continue
         f.deficit -= <int>q.len
+        fq.urgent_deficit = FQ_QUANTUM
         return q
 
 

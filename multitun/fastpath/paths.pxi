@@ -28,6 +28,11 @@ cdef struct Endpoint:
     size_t gso_max_seg
     int last_errno
     uint64_t last_rx_ns
+    # Every byte that reached this end on the path, for the peer's capacity
+    # estimate (probe feedback): sealed, also the copies that lost the race
+    # to another path and were dropped before decryption (rx_bytes counts
+    # only what proved authentic).
+    uint64_t arrived_bytes
     PathCounters c
 
 
@@ -309,6 +314,9 @@ cdef class Paths:
         ep.learned += 1
         self.ctr.endpoint_changes += 1
         self.changed = True
+
+    cdef inline void arrived(self, int path, size_t n) noexcept nogil:
+        self.eps[path].arrived_bytes += n
 
     cdef inline void count_rx(self, int path, size_t n, uint64_t now) noexcept nogil:
         cdef Endpoint *ep = &self.eps[path]

@@ -90,6 +90,7 @@ cdef class Receiver:
             self.ctr.unknown_source += 1
             return
         self.paths.count_rx(path, n, now)
+        self.paths.arrived(path, n)
         if h.ptype != T_DATA:
             if self.keyring.adopt_session(h.session):
                 self.event = True
@@ -113,6 +114,9 @@ cdef class Receiver:
             if path < 0:
                 self.ctr.unknown_source += 1
                 return
+            # From the path's endpoint: it counts for feedback even if it
+            # turns out a copy that lost the race.
+            self.paths.arrived(path, n)
         if h.ptype >= T_HANDSHAKE_INIT:  # INIT, RESPONSE, COOKIE: the keying's
             if not limiter_allow(&self.handshakes, <sockaddr_storage *>m.msg_name, now):
                 self.ctr.handshakes_shed += 1
@@ -146,6 +150,7 @@ cdef class Receiver:
             self.event = True
         if probe_to_server:
             self.paths.learn(sock, path, m)
+            self.paths.arrived(path, n + TAG_LEN)
         self.paths.count_rx(path, n + TAG_LEN, now)
         if h.ptype != T_DATA:
             self._on_probe(path, h, p, n, m, now)
@@ -181,12 +186,13 @@ cdef class Receiver:
             memcpy(reply + HEADER_LEN, p + HEADER_LEN, n - HEADER_LEN)
             if n - HEADER_LEN >= PROBE_FEEDBACK_PAYLOAD:
                 # Feedback for the prober's capacity estimate (docs/PROTOCOL.md):
-                # when this end received the probe, and every byte received
-                # on the path so far. Written into the room the probe left,
-                # so the reply is no longer than the probe.
+                # when this end received the probe, and every byte that
+                # arrived on the path so far (Endpoint.arrived_bytes). Written
+                # into the room the probe left, so the reply is no longer
+                # than the probe.
                 fb = htobe64(now)
                 memcpy(reply + HEADER_LEN + 16, &fb, 8)
-                fb = htobe64(self.paths.eps[path].c.rx_bytes)
+                fb = htobe64(self.paths.eps[path].arrived_bytes)
                 memcpy(reply + HEADER_LEN + 24, &fb, 8)
             r = self.keyring.frame(reply, n - HEADER_LEN, T_PROBE_REPLY, <uint8_t>path, h.seq)
             if r:

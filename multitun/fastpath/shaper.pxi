@@ -106,6 +106,7 @@ cdef class Shaper:
         if ep.fd < 0:
             # No endpoint (a path detached or forgotten): nothing here will
             # ever be sent in time.
+            ep.c.aqm_dropped += fq.dropped
             ep.c.stale_dropped += fq.packets
             fq_clear(fq)
             fq.dropped = 0
@@ -190,6 +191,17 @@ cdef class Shaper:
         # A path that was paced and is not now sends what it holds at once.
         self.service(now_ns())
 
+    cdef void forget(self, int path) noexcept nogil:
+        """Path ``path`` is gone for good: not paced, nothing held, no
+        delay known (a path that takes its number later starts afresh)."""
+        if self.queues[path] != NULL:
+            fq_clear(self.queues[path])
+            self.queues[path].dropped = 0
+        memset(&self.pacers[path], 0, sizeof(Pacer))
+        self.paced &= ~(1U << path)
+        self.backlog &= ~(1U << path)
+        self._stale_limits()
+
     cdef bint held(self, int path) except? False:
         """Whether the pacer held packets of ``path`` back since the last
         call."""
@@ -200,13 +212,16 @@ cdef class Shaper:
 
     cdef void _stale_limits(self) noexcept nogil:
         # A copy on path p is stale once its wait here plus p's delay exceeds
-        # the fastest other path's delay plus the margin.
+        # the fastest other path's delay plus the margin. Only unpaced paths
+        # are references: their copy left at once, while a paced one's may
+        # be waiting (two paced paths could each drop the same packet).
         cdef int p, r
         cdef uint64_t best, budget
         for p in range(MAX_PATHS):
             best = 0
             for r in range(MAX_PATHS):
                 if (r != p and self.pacers[r].delay_ns and self.paths.eps[r].fd >= 0
+                        and not (self.paced >> r) & 1
                         and (best == 0 or self.pacers[r].delay_ns < best)):
                     best = self.pacers[r].delay_ns
             self.pacers[p].stale_after_ns = 0
