@@ -37,8 +37,10 @@ BBR anchors its pacing to the delivery rate; Cardwell et al., ACM Queue
   ``PROBE_BASE_AFTER_NS`` old: a paced path's queue seldom empties, so its
   base may include a queue, or hide a base that rose (a new route). Drain,
   at ``DRAIN_FLOOR`` of its capacity, until the one-way delay stops
-  falling: the queue is empty then, and the samples show the base (BBR's
-  PROBE_RTT, for the same reason). It costs a few probe intervals at half
+  falling: the queue is empty then, and the sample shows the base, from
+  which the window's minimum starts again (BBR's PROBE_RTT, for the same
+  reason). Then the rate from before the drain is back at once (the delivery
+  rate of the drain is no anchor). It costs a few probe intervals at half
   rate every few seconds;
 - a queue that has not fallen over a round trip and ``STUCK_NS`` while we
   pace at most ``STUCK_GAIN`` of the delivery rate is no queue of ours
@@ -107,6 +109,8 @@ class PathCapacity:
     # on, and how many samples it has seen.
     _last_owd_ns: int | None = None
     _finding_base: int = 0
+    # The rate before that drain, to go back to.
+    _before_drain: float | None = None
     # While we pace below STUCK_GAIN of the delivery rate: since when the
     # queue is judged, and the queueing delay then.
     _draining: tuple[int, int] | None = None
@@ -167,6 +171,11 @@ class PathCapacity:
         if self._finding_base:
             self._finding_base = 0 if self._finding_base > 1 and not falling \
                 else self._finding_base + 1
+            if not self._finding_base:
+                # Drained: this sample is the base now, whatever the old
+                # minimum was (the window's minimum starts again from it).
+                owd.clear()
+                owd.append((now_ns, owd_ns))
         if self._draining is not None and now_ns - self._draining[0] >= rtt_ns + STUCK_NS:
             if self.queue_delay_ns >= self._draining[1] - FALLING_NS:
                 owd.clear()
@@ -184,9 +193,12 @@ class PathCapacity:
         if self.rate is not None and held and not self._finding_base \
                 and now_ns - self._owd[0][0] >= PROBE_BASE_AFTER_NS:
             self._finding_base = 1
+            self._before_drain = self.rate
         if self._finding_base:
             self.rate = (self.capacity or delivered) * DRAIN_FLOOR
             self._calm_since_ns = None
+        elif self._before_drain is not None:
+            self.rate, self._before_drain = self._before_drain, None
         elif (self._above >= ENTER_SAMPLES if self.rate is None
               else q > self.target_ns or held):
             setpoint = self.target_ns / 2
