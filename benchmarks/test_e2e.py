@@ -16,7 +16,7 @@ import time
 import pytest
 
 from multitun.lab.emulator import Impairment
-from multitun.keyfile import generate_key
+from multitun.lab.tunnel_pair import key_args
 from multitun.lab import (
     TUN_SERVER, Bed, TunnelPair, latency_probe, ping_interleaved, summarise, tcp_throughput,
     tcp_transfer, udp_flood, udp_stream,
@@ -186,10 +186,7 @@ SEALED_ROUNDS = 5
 def test_sealed_throughput_ratio(benchmark, tmp_path):
     """One TCP stream through the two-path tunnel sealed (--key-file) against
     the same tunnel in clear, on one bed, the two alternating."""
-    key = tmp_path / "key"
-    key.write_text(generate_key())
-    key.chmod(0o600)
-    modes = {"clear": (), "sealed": ("--key-file", str(key))}
+    modes = {"clear": (), "sealed": key_args(tmp_path)}
     rounds = {mode: [] for mode in modes}
     with Bed(2) as bed:
         def measure():

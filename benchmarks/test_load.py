@@ -14,8 +14,8 @@ import json
 
 import pytest
 
-from multitun.keyfile import generate_key
 from multitun.lab import TunnelPair
+from multitun.lab.tunnel_pair import key_args
 from multitun.lab.load import Scenario, run, table
 
 from .conftest import requires_root
@@ -34,12 +34,7 @@ def scenario_on(python, logs, extra):
 @pytest.mark.parametrize("sealed", [False, True], ids=["clear", "sealed"])
 def test_video_and_control_through_a_failure(benchmark, request, tmp_path, sealed):
     baseline = request.config.getoption("--baseline-python")
-    extra = ()
-    if sealed:
-        key = tmp_path / "key"
-        key.write_text(generate_key())
-        key.chmod(0o600)
-        extra = ("--key-file", str(key))
+    extra = key_args(tmp_path) if sealed else ()
     results = {}
 
     def measure():

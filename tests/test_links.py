@@ -13,8 +13,8 @@ import pytest
 from pyroute2 import IPRoute
 
 from multitun.config import PathSpec
-from multitun.keyfile import generate_key
 from multitun.lab import TUN_SERVER, Bed, TunnelPair, udp_stream
+from multitun.lab.tunnel_pair import key_args
 from multitun.links import Binding, Interface, resolve
 
 from .conftest import requires_root
@@ -124,12 +124,7 @@ def bed():
 
 
 def start(bed, tmp_path, endpoints, sealed=False):
-    extra = ()
-    if sealed:
-        key = tmp_path / "key"
-        key.write_text(generate_key())
-        key.chmod(0o600)
-        extra = ("--key-file", str(key))
+    extra = key_args(tmp_path) if sealed else ()
     pair = TunnelPair(bed, tmp_path, endpoints=endpoints, server_extra=extra, client_extra=extra)
     pair.__enter__()
     pair.wait_carrying()

@@ -9,6 +9,7 @@ import subprocess
 import time
 from pathlib import Path
 
+from ..keyfile import generate_key
 from .bed import Bed
 from .process import end
 from .traffic import wait_udp
@@ -16,6 +17,15 @@ from .traffic import wait_udp
 
 TUN_SERVER, TUN_CLIENT = "10.42.42.1", "10.42.42.2"
 TUN_SERVER6, TUN_CLIENT6 = "fd42::1", "fd42::2"
+
+
+def key_args(directory: Path) -> tuple[str, str]:
+    """A fresh key in ``directory`` (mode 0600, as --key-file insists) and
+    the options that give it to both ends of a pair."""
+    key = Path(directory) / "key"
+    key.write_text(generate_key())
+    key.chmod(0o600)
+    return ("--key-file", str(key))
 
 
 class TunnelPair:
