@@ -10,6 +10,7 @@ import ipaddress
 from dataclasses import dataclass, field
 
 from . import wire
+from .capacity import MIN_RATE
 from .errors import ConfigError
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -27,8 +28,9 @@ DEFAULT_DOWN_AFTER = 0.5
 DEFAULT_QUEUE_TARGET_MS = 15.0
 STALE_MARGIN_TARGETS = 4
 MAX_QUEUE_TARGET_MS = 1000.0
-# --rate: no cap below this (bit/s); a path slower than that is not a path.
-MIN_RATE_CAP = 128_000
+# --rate: no cap below the floor the pacing itself keeps (capacity.MIN_RATE,
+# bytes/s), in bit/s.
+MIN_RATE_CAP = MIN_RATE * 8
 # --low-latency polls this long after each packet unless --busy-poll says
 # otherwise (measured on the two-path bed: about 5 us off the median round
 # trip, on top of PM QoS, at 1 ms between packets).
