@@ -19,14 +19,17 @@ The parts (docs/ARCHITECTURE.md describes each), in multitun/fastpath/:
   header codec (header.pxd), the replay window (window.pxd), checksums
   (checksum.pxd), the AEAD (aead.pxd), TSO/USO splitting (segment.pxd), TCP
   coalescing (coalesce.pxd), socket addresses and control messages
-  (addresses.pxd), the handshake limiter per source (limiter.pxd), a paced
+  (addresses.pxd), the handshake limiter per source (limiter.pxd), a fleet
+  server's allowed IPs (routes.pxd) and key ids (keyindex.pxd), a paced
   path's flow queue (flowqueue.pxd) and its CoDel (codel.pxd); the constants
   (constants.pxd) and counters (counters.pxd);
 - stateful, a ``final`` class each, ``include``d here: the TUN boundary
   (tun.pxi), the keys (keyring.pxi), path I/O (paths.pxi), the control
-  queue (control.pxi), the receive direction (receive.pxi), the paced
-  paths and their queues (shaper.pxi) and the engine: the loop and the send
-  direction (engine.pxi).
+  queue (control.pxi), the paced paths and their queues (shaper.pxi), one
+  peer: its keys, endpoints, queues and counters (peer.pxi), the peers and
+  how a packet finds its own (peers.pxi), the receive direction
+  (receive.pxi) and the engine: the loop and the send direction
+  (engine.pxi).
 
 Why ``include`` and ``final``: the per-packet path crosses every part, and
 it must inline. Included, the parts are one C file, so the compiler sees
@@ -41,7 +44,7 @@ cimport cython
 from libc.errno cimport (
     errno, EAGAIN, EINTR, EBADF, EFAULT, EINVAL, EIO, EMSGSIZE, ENOENT, ENOTSOCK,
 )
-from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t
+from libc.stdint cimport int32_t, uint8_t, uint16_t, uint32_t, uint64_t
 from libc.stdlib cimport malloc, free
 from libc.string cimport memcpy, memset
 from posix.unistd cimport read, write, close
@@ -63,6 +66,10 @@ from .fastpath.addresses cimport gro_segment_size, same_addr, sticky_source
 from .fastpath.batch cimport Batch, add_packet, next_packet
 from .fastpath.limiter cimport SourceLimiter, limiter_allow
 from .fastpath.codel cimport CODEL_INTERVAL_NS, CODEL_TARGET_NS
+from .fastpath.routes cimport (
+    ROUTE_NONE, RouteTable, route_add, route_of_packet, routes_alloc, routes_free,
+)
+from .fastpath.keyindex cimport KeyIndex, keyindex_add, keyindex_alloc, keyindex_find, keyindex_free
 from .fastpath.flowqueue cimport (
     FlowQueue, QPacket, fq_clear, fq_dequeue, fq_enqueue, fq_flow_of, fq_head_sojourn, fq_init,
     qpacket_data,
@@ -78,8 +85,10 @@ include "fastpath/tun.pxi"
 include "fastpath/keyring.pxi"
 include "fastpath/paths.pxi"
 include "fastpath/control.pxi"
-include "fastpath/receive.pxi"
 include "fastpath/shaper.pxi"
+include "fastpath/peer.pxi"
+include "fastpath/peers.pxi"
+include "fastpath/receive.pxi"
 include "fastpath/engine.pxi"
 
 
@@ -92,6 +101,7 @@ CONSTANTS = {
     "T_DATA": T_DATA, "T_PROBE": T_PROBE, "T_PROBE_REPLY": T_PROBE_REPLY,
     "T_HANDSHAKE_INIT": T_HANDSHAKE_INIT, "T_HANDSHAKE_RESPONSE": T_HANDSHAKE_RESPONSE,
     "T_HANDSHAKE_COOKIE": T_HANDSHAKE_COOKIE, "TICKET_LEN": TICKET_LEN,
+    "FINGERPRINT_LEN": FINGERPRINT_LEN,
     "PROBE_MIN_PAYLOAD": PROBE_MIN_PAYLOAD, "PROBE_MAX_PAYLOAD": PROBE_MAX_PAYLOAD,
     "PROBE_FEEDBACK_PAYLOAD": PROBE_FEEDBACK_PAYLOAD,
     "KEY_LEN": KEY_LEN, "TAG_LEN": TAG_LEN,
@@ -99,6 +109,9 @@ CONSTANTS = {
     "HANDSHAKE_COOKIE_LEN": HANDSHAKE_COOKIE_LEN,
     "MAX_DATAGRAM": MAX_DATAGRAM,
 }
+
+# How many peers one engine holds (config.py refuses more).
+LIMITS = {"MAX_PEERS": MAX_PEERS}
 
 SYSTEM = {
     "UDP_SEGMENT": UDP_SEGMENT, "UDP_GRO": UDP_GRO, "IP_PKTINFO": IP_PKTINFO,

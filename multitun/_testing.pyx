@@ -17,6 +17,8 @@ from .fastpath.header cimport H_OK, Header, parse_header, put_header
 from .fastpath.window cimport W_NEW, Window, window_check
 from .fastpath.checksum cimport csum_add, csum_fold
 from .fastpath.aead cimport aead, new_cipher, sequence_nonce
+from .fastpath.routes cimport RouteTable, route_add, route_find, routes_alloc, routes_free
+from .fastpath.keyindex cimport KeyIndex, keyindex_add, keyindex_alloc, keyindex_find, keyindex_free
 from .fastpath.flowqueue cimport (
     FQ_URGENT, FlowQueue, QPacket, fq_clear, fq_dequeue, fq_enqueue, fq_flow_of, fq_init,
     qpacket_data,
@@ -208,3 +210,46 @@ cdef class FairQueue:
 
 
 URGENT = FQ_URGENT
+
+
+def route_lookup(routes, addresses, uint64_t key=0x5EED):
+    """The data plane's allowed-IPs table (routes.pxd), built from (peer,
+    packed address, prefix length) each: the peer of each packed address
+    in ``addresses`` (-1: none), and for each route, the peer that already
+    held its prefix when it was added (-1: none)."""
+    cdef RouteTable t
+    cdef const uint8_t[:] a
+    memset(&t, 0, sizeof(RouteTable))
+    t.key = key
+    routes = list(routes)
+    if routes_alloc(&t.v4, 4, len(routes)) < 0 or routes_alloc(&t.v6, 16, len(routes)) < 0:
+        routes_free(&t)
+        raise MemoryError()
+    try:
+        clashes = []
+        for peer, address, length in routes:
+            a = address
+            clashes.append(route_add(&t, &a[0], length, peer, a.shape[0] == 16))
+        found = []
+        for address in addresses:
+            a = address
+            found.append(route_find(&t, &a[0], a.shape[0] == 16))
+        return found, clashes
+    finally:
+        routes_free(&t)
+
+
+def key_index(entries, ids, uint64_t key=0x5EED):
+    """The data plane's key id index (keyindex.pxd), built from (id, peer)
+    each: the peer of each id in ``ids`` (-1: none)."""
+    cdef KeyIndex x
+    x.key = key
+    entries = list(entries)
+    if keyindex_alloc(&x, len(entries)) < 0:
+        raise MemoryError()
+    try:
+        for key_id, peer in entries:
+            keyindex_add(&x, key_id, peer)
+        return [keyindex_find(&x, key_id) for key_id in ids]
+    finally:
+        keyindex_free(&x)

@@ -30,6 +30,7 @@ from .config import (
 )
 from .errors import ConfigError, OneLineParser, SetupError
 from .keyfile import load_key
+from .peerconfig import parse_peer, parse_tables
 
 EXAMPLES = """\
 other commands:
@@ -147,6 +148,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="authenticate and encrypt every packet with the key in this file "
                         "(made by `multitun genkey`; both ends need the same one; it must "
                         "not be readable by other users); without it the tunnel is in clear")
+    p.add_argument("--peer", action=_PeerAction, nargs=3,
+                   metavar=("NAME", "KEY_FILE", "ALLOWED_IPS"),
+                   help="server: one client of a fleet, with its own key file and the inner "
+                        "addresses it may use (comma-separated prefixes, e.g. "
+                        "10.42.42.7/32,fd42::7/128); repeat for each client. In the config "
+                        "file: a [[peer]] table each (name, key_file, allowed_ips), re-read "
+                        "on SIGHUP")
     p.add_argument("--cipher", choices=ciphers.SETTINGS, default="auto",
                    help="with --key-file, what seals the packets: auto (the default) takes "
                         "AES-256-GCM when both ends have AES instructions and "
@@ -219,9 +227,24 @@ def merge_config_file(args: argparse.Namespace, parser: argparse.ArgumentParser,
         try:
             converted = _file_value(action, value)
         except (ConfigError, argparse.ArgumentTypeError) as e:
-            raise ConfigError(f"{path}: {key}: {e}") from None
+            # A peer's error names its table already.
+            raise ConfigError(f"{path}: {'' if key == 'peer' else key + ': '}{e}") from None
         if key not in given:
             setattr(args, key, converted)
+            if key == "peer":
+                args.peers_file = path  # SIGHUP reads them again
+
+
+class _PeerAction(argparse.Action):
+    """--peer NAME KEY_FILE ALLOWED_IPS, appended as a PeerSpec."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace,
+                 values: object, option_string: str | None = None) -> None:
+        try:
+            spec = parse_peer(*values, where="--peer")
+        except ConfigError as e:
+            raise argparse.ArgumentError(self, str(e).removeprefix("--peer: ")) from None
+        setattr(namespace, self.dest, [*(getattr(namespace, self.dest, None) or ()), spec])
 
 
 def _given_options(argv: Sequence[str]) -> set[str]:
@@ -242,6 +265,8 @@ def _file_value(action: argparse.Action, value: object) -> object:
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
             raise ConfigError(f"expected a count (0, 1, 2...), got {value!r}")
         return value
+    if isinstance(action, _PeerAction):  # [[peer]] tables
+        return list(parse_tables(value))
     if isinstance(action, argparse._AppendAction):  # -l: one address or a list
         items = value if isinstance(value, list) else [value]
         return [action.type(_scalar(item)) for item in items]
@@ -278,6 +303,8 @@ def config_from_args(args: argparse.Namespace) -> Config:
         cipher=args.cipher,
         queue_target_ms=args.queue_target_ms,
         rate_caps=tuple(args.rate_caps or ()),
+        peers=tuple(args.peer or ()),
+        peers_file=getattr(args, "peers_file", None),
     ).check()
 
 

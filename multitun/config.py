@@ -9,9 +9,12 @@ from __future__ import annotations
 import ipaddress
 from dataclasses import dataclass, field
 
+from pathlib import Path
+
 from . import wire
 from .capacity import MIN_RATE
 from .errors import ConfigError
+from .peerconfig import PeerSpec, check_peers
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPInterface = ipaddress.IPv4Interface | ipaddress.IPv6Interface
@@ -44,6 +47,9 @@ MIN_MTU = {4: 576, 6: 1280}  # RFC 791 / RFC 8200 minimum link MTUs
 # The largest --mtu in clear: its packet and our header fill a UDP datagram.
 # Sealed, the tag must fit too (Config.check).
 MAX_MTU = wire.MAX_DATAGRAM - wire.HEADER_LEN
+# Clients one server carries ([[peer]] tables); the engine's own limit
+# (_fastpath.LIMITS, which tests/test_codec.py holds equal).
+MAX_PEERS = 1024
 
 
 # What the kernel takes as an interface name (net/core/dev.c, dev_valid_name()):
@@ -93,10 +99,20 @@ class Config:
     queue_target_ms: float = DEFAULT_QUEUE_TARGET_MS
     # --rate: (path index, bit/s) caps.
     rate_caps: tuple[tuple[int, int], ...] = ()
+    # A fleet server's clients ([[peer]] tables or --peer), each with its own
+    # key; the file they came from, read again on SIGHUP (None: they came
+    # from the command line, or there are none).
+    peers: tuple[PeerSpec, ...] = ()
+    peers_file: Path | None = None
 
     @property
     def is_server(self) -> bool:
         return self.server_listen is not None
+
+    @property
+    def keyed(self) -> bool:
+        """Sealed (version 2): a key file, or a fleet (a key per peer)."""
+        return self.key is not None or bool(self.peers)
 
     @property
     def outer_families(self) -> set[int]:
@@ -114,7 +130,7 @@ class Config:
         if self.mtu is not None:
             return self.mtu
         ip = max(IP_HEADER[v] for v in self.outer_families)
-        tag = wire.TAG_LEN if self.key is not None else 0
+        tag = wire.TAG_LEN if self.keyed else 0
         return PATH_MTU - ip - UDP_HEADER - wire.HEADER_LEN - tag
 
     @property
@@ -153,15 +169,23 @@ class Config:
             raise ConfigError("probe interval must be shorter than the timeout")
         if self.down_after is not None and self.down_after <= self.probe_interval:
             raise ConfigError("--down-after must be longer than the probe interval")
-        if self.cipher != "auto" and self.key is None:
+        if self.cipher != "auto" and not self.keyed:
             raise ConfigError(f"--cipher {self.cipher} needs --key-file: without a key "
                               f"nothing is sealed")
+        if self.peers:
+            if not self.is_server:
+                raise ConfigError("peers ([[peer]] or --peer) are a server's; a client has "
+                                  "one server, and --key-file")
+            if self.key is not None:
+                raise ConfigError("give --key-file (one client) or peers ([[peer]] or "
+                                  "--peer, each with its own key), not both")
+            check_peers(self.peers, MAX_PEERS)
         capped = [path for path, _ in self.rate_caps]
         for path in capped:
             if capped.count(path) > 1:
                 raise ConfigError(f"--rate: path {path} is given more than one rate")
         mtu = self.effective_mtu
-        if self.key is not None and mtu + wire.HEADER_LEN + wire.TAG_LEN > wire.MAX_DATAGRAM:
+        if self.keyed and mtu + wire.HEADER_LEN + wire.TAG_LEN > wire.MAX_DATAGRAM:
             raise ConfigError(
                 f"--mtu {mtu} is too large with --key-file: with the header and the "
                 f"authentication tag a packet would not fit a UDP datagram "

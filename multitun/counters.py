@@ -1,8 +1,9 @@
 """Every counter the tunnel reports, with what it counts: the one list that
 `multitun status --json` and the Prometheus metrics are made from.
 
-The data plane counts (``Engine.stats()`` for the tunnel, ``Engine.paths()``
-per path); the keying counts handshakes. A counter added to the engine is
+The data plane counts (``Engine.stats()`` for the tunnel,
+``Engine.peer_stats()`` per peer, ``Engine.paths()`` per path); the keying
+counts handshakes. A counter added to the engine is
 reported once it is named here.
 """
 
@@ -22,6 +23,7 @@ TUNNEL_COUNTERS = {
     "wrong_session": "Data of another session than the peer's current one, dropped",
     "unknown_source": "Data from an address that is not its path's endpoint, dropped",
     "tun_write_errors": "Packets the TUN device refused",
+    "no_route": "Packets from the TUN device to an address in no peer's allowed IPs, dropped",
     "control_dropped": "Control packets dropped while the control queue was full",
     "handshakes_shed": "Handshake messages over their source's rate, dropped before the control plane",
     "session_changes": "Times the peer's session changed (the peer started or restarted)",
@@ -51,6 +53,15 @@ PATH_COUNTERS = {
     "aqm_dropped": "Datagrams the paced path's own queue dropped (CoDel, or over its limit)",
     "stale_dropped": "Copies dropped from the paced path's queue as stale: another path "
                      "would deliver the packet sooner",
+}
+
+PEER_COUNTERS = {
+    "routed_packets": "Packets from the TUN device sent to the peer",
+    "routed_bytes": "Bytes from the TUN device sent to the peer",
+    "delivered": "Packets from the peer delivered to the TUN device",
+    "delivered_bytes": "Bytes from the peer delivered to the TUN device",
+    "source_refused": "Authentic packets from the peer whose inner source is not in its "
+                      "allowed IPs, dropped",
 }
 
 HANDSHAKE_COUNTERS = {

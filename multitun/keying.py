@@ -25,6 +25,7 @@ amplification. Answers are also rate-limited.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import secrets
 import time
@@ -47,13 +48,22 @@ HANDSHAKE_BURST = 20
 UNANSWERED_LOG_S = 10.0
 
 _PROLOGUE = b"multitun protocol 2, key id "
-_RESERVED = bytes(8)  # in the first message: it stays longer than any answer
+_FINGERPRINT_INFO = b"multitun key fingerprint "
 
 
-def prologue(key_id: int) -> bytes:
-    # Binds the key id in the clear header to the handshake: a response or
-    # first message moved to another id does not authenticate.
-    return _PROLOGUE + key_id.to_bytes(4, "big")
+def fingerprint(psk: bytes) -> bytes:
+    """What a first message says of the key it is made with, in clear: a
+    fleet server finds the peer by it (never by the sender's address). A
+    one-way function of the key; it tells nothing of the key, but it does
+    tell an onlooker that two first messages are one client's."""
+    return hashlib.sha256(_FINGERPRINT_INFO + psk).digest()[:wire.FINGERPRINT_LEN]
+
+
+def prologue(key_id: int, fingerprint: bytes) -> bytes:
+    # Binds the key id in the clear header, and the fingerprint, to the
+    # handshake: a message moved to another id, or with another fingerprint,
+    # does not authenticate.
+    return _PROLOGUE + key_id.to_bytes(4, "big") + fingerprint
 
 
 def _message(ptype: wire.PacketType, path: int, key_id: int, body: bytes) -> bytes:
@@ -86,8 +96,13 @@ class Keying:
     # the same role or crafted, are ignored.
     handshake_types: tuple[wire.PacketType, ...]
 
-    def __init__(self, engine: Engine, psk: bytes, cipher: str = ciphers.AUTO) -> None:
-        self.engine, self.psk, self.cipher = engine, psk, cipher
+    def __init__(self, engine: Engine, psk: bytes, cipher: str = ciphers.AUTO,
+                 peer: int = 0, name: str | None = None) -> None:
+        """``peer``: the engine's index of the peer these keys are for;
+        ``name``: a fleet server's name for it, which its log lines say."""
+        self.engine, self.psk, self.cipher, self.peer = engine, psk, cipher, peer
+        self.said = f"peer {name}: " if name else ""
+        self.fingerprint = fingerprint(psk)
         self.has_aes = ciphers.aes_instructions()
         self.next_refusal_log = 0.0
         self.handshakes = 0
@@ -108,14 +123,14 @@ class Keying:
         raise NotImplementedError
 
     def tick(self, now: float) -> None:
-        for k in self.engine.keys():
+        for k in self.engine.keys(self.peer):
             if k["age_s"] > REJECT_AFTER_S:
-                self.engine.drop_keys(k["id"])
-                log.info("keys %08x expired after %.0fs", k["id"], k["age_s"],
+                self.engine.drop_keys(k["id"], self.peer)
+                log.info(self.said + "keys %08x expired after %.0fs", k["id"], k["age_s"],
                          extra={"event": "keys_expired", "key_id": f"{k['id']:08x}"})
 
     def current(self) -> dict | None:
-        return next((k for k in self.engine.keys() if k["slot"] == "current"), None)
+        return next((k for k in self.engine.keys(self.peer) if k["slot"] == "current"), None)
 
     def snapshot(self) -> dict:
         cur = self.current()
@@ -134,7 +149,7 @@ class Keying:
         """A cipher refused: said once, then every UNANSWERED_LOG_S while
         it lasts (each retry would say it again)."""
         if now >= self.next_refusal_log:
-            log.error(message, *args, extra={"event": "cipher_refused"})
+            log.error(self.said + message, *args, extra={"event": "cipher_refused"})
             self.next_refusal_log = now + UNANSWERED_LOG_S
 
 
@@ -191,11 +206,11 @@ class ClientKeying(Keying):
         key_id = 0
         while key_id == 0 or key_id in taken:
             key_id = secrets.randbits(32)
-        initiator = Initiator(self.psk, prologue(key_id))
-        body = initiator.write_init(self.ticket + ciphers.offer(self.cipher, self.has_aes)
-                                    + _RESERVED)
+        initiator = Initiator(self.psk, prologue(key_id, self.fingerprint))
+        message = initiator.write_init(self.ticket + ciphers.offer(self.cipher, self.has_aes))
+        body = self.fingerprint + message
         self.earlier = self.pending
-        self.pending = _Pending(initiator, key_id, now, body[:noise.DHLEN])
+        self.pending = _Pending(initiator, key_id, now, message[:noise.DHLEN])
         if self.first_attempt is None:
             self.first_attempt = now
         for p in self.engine.paths():
@@ -278,8 +293,9 @@ class _Answered:
 class ServerKeying(Keying):
     handshake_types = (wire.PacketType.HANDSHAKE_INIT,)
 
-    def __init__(self, engine: Engine, psk: bytes, cipher: str = ciphers.AUTO) -> None:
-        super().__init__(engine, psk, cipher)
+    def __init__(self, engine: Engine, psk: bytes, cipher: str = ciphers.AUTO,
+                 peer: int = 0, name: str | None = None) -> None:
+        super().__init__(engine, psk, cipher, peer, name)
         self.book = tickets.TicketBook()
         self.latest: _Answered | None = None
         self.bucket = TokenBucket(HANDSHAKES_PER_S, HANDSHAKE_BURST)
@@ -307,15 +323,19 @@ class ServerKeying(Keying):
             else:
                 self._refuse("replayed", source)
             return
-        responder = Responder(self.psk, prologue(key_id))
+        if body[:wire.FINGERPRINT_LEN] != self.fingerprint:
+            self._refuse("auth_failed", source)  # made with another key: no work spent
+            return
+        message = body[wire.FINGERPRINT_LEN:]
+        responder = Responder(self.psk, prologue(key_id, self.fingerprint))
         try:
-            payload = responder.read_init(body)
+            payload = responder.read_init(message)
         except HandshakeError:
             self._refuse("auth_failed", source)
             return
         ticket = payload[:wire.TICKET_LEN]
         offer = payload[wire.TICKET_LEN:wire.TICKET_LEN + 1]
-        ids = {k["id"]: k["slot"] for k in self.engine.keys()}
+        ids = {k["id"]: k["slot"] for k in self.engine.keys(self.peer)}
         if ids.get(key_id, "next") != "next":
             self._refuse("replayed", source)  # the id of keys in use: never reinstalled
             return
@@ -332,7 +352,7 @@ class ServerKeying(Keying):
             header = wire.pack_header(wire.PacketType.HANDSHAKE_COOKIE, path, key_id, 0,
                                       wire.VERSION_SEALED)
             self.engine.send_back(reply_to, header + tickets.seal_cookie(
-                self.psk, body[:noise.DHLEN], header, self.book.issue(now)))
+                self.psk, message[:noise.DHLEN], header, self.book.issue(now)))
             return
         answer = ciphers.choose(offer, self.cipher, self.has_aes)
         response = responder.write_response(answer + self.book.issue(now))
@@ -346,10 +366,16 @@ class ServerKeying(Keying):
                 wire.PacketType.HANDSHAKE_RESPONSE, path, key_id, response))
             return
         send, receive = responder.keys()
-        self.engine.drop_keys(key_id)
-        self.engine.install_keys(key_id, send, receive, False, cipher)
+        self.engine.drop_keys(key_id, self.peer)
+        try:
+            self.engine.install_keys(key_id, send, receive, False, cipher, self.peer)
+        except ValueError:
+            # Another client's keys have this id (a fleet server): no answer;
+            # this client's next first message draws another.
+            self._refuse("replayed", source)
+            return
         self.latest = _Answered(body, key_id, response, now, {path})
         self.handshakes += 1
         self.engine.send_back(reply_to, _message(
             wire.PacketType.HANDSHAKE_RESPONSE, path, key_id, response))
-        log.debug("handshake %08x answered on path %d", key_id, path)
+        log.debug(self.said + "handshake %08x answered on path %d", key_id, path)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 
-from .counters import HANDSHAKE_COUNTERS, PATH_COUNTERS, TUNNEL_COUNTERS
+from .counters import HANDSHAKE_COUNTERS, PATH_COUNTERS, PEER_COUNTERS, TUNNEL_COUNTERS
 from .errors import SetupError
 
 try:
@@ -28,7 +28,12 @@ class _Collector:
         yield InfoMetricFamily("multitun", "This multitun instance",
                                value={"role": st["role"], "dev": st["dev"],
                                       "version": st["version"]})
-        labels = ["path", "remote"]
+        # Every path series names its peer: a fleet server's peer's name, or
+        # "" (which PromQL reads as no label) when there is one peer.
+        fleet = st.get("peers") is not None
+        views = st["peers"] if fleet else [{"name": "", "paths": st["paths"],
+                                             "security": st["security"]}]
+        labels = ["peer", "path", "remote"]
         up = GaugeMetricFamily("multitun_path_up", "1 if the path answers probes", labels=labels)
         rtt = GaugeMetricFamily("multitun_path_rtt_seconds", "Smoothed probe round trip",
                                 labels=labels)
@@ -54,8 +59,8 @@ class _Collector:
                                  labels=labels)
         counters = {k: CounterMetricFamily(f"multitun_path_{k}", doc, labels=labels)
                     for k, doc in PATH_COUNTERS.items()}
-        for p in st["paths"]:
-            values = [p["name"], p["remote"] or ""]
+        for view, p in ((v, p) for v in views for p in v["paths"]):
+            values = [view["name"], p["name"], p["remote"] or ""]
             up.add_metric(values, 1.0 if p["state"] == "up" else 0.0)
             for family, key, scale in ((rtt, "rtt_ms", 1e-3), (rtt_min, "rtt_min_ms", 1e-3),
                                        (jitter, "jitter_ms", 1e-3), (loss, "loss_pct", 1e-2),
@@ -71,13 +76,33 @@ class _Collector:
                     *counters.values())
         for key, doc in TUNNEL_COUNTERS.items():
             yield CounterMetricFamily(f"multitun_{key}", doc, value=st["tunnel"][key])
-        security = st["security"]
-        if security["keyed"]:
-            for key, doc in HANDSHAKE_COUNTERS.items():
-                yield CounterMetricFamily(f"multitun_{key}", doc, value=security[key])
-            if security["key_age_s"] is not None:
-                yield GaugeMetricFamily("multitun_key_age_seconds", "Age of the current keys",
-                                        value=security["key_age_s"])
+        if fleet:
+            yield from self._peers(views)
+        keyed = [v for v in views if v["security"]["keyed"]]
+        if keyed:
+            handshakes = {k: CounterMetricFamily(f"multitun_{k}", doc, labels=["peer"])
+                          for k, doc in HANDSHAKE_COUNTERS.items()}
+            age = GaugeMetricFamily("multitun_key_age_seconds", "Age of the current keys",
+                                    labels=["peer"])
+            for v in keyed:
+                for key, family in handshakes.items():
+                    family.add_metric([v["name"]], v["security"][key])
+                if v["security"]["key_age_s"] is not None:
+                    age.add_metric([v["name"]], v["security"]["key_age_s"])
+            yield from (*handshakes.values(), age)
+
+    @staticmethod
+    def _peers(views: list[dict]) -> Iterator:
+        """A fleet server's figures per peer."""
+        up = GaugeMetricFamily("multitun_peer_paths_up", "Paths of the peer that answer probes",
+                               labels=["peer"])
+        counters = {k: CounterMetricFamily(f"multitun_peer_{k}", doc, labels=["peer"])
+                    for k, doc in PEER_COUNTERS.items()}
+        for v in views:
+            up.add_metric([v["name"]], v["paths_up"])
+            for key, family in counters.items():
+                family.add_metric([v["name"]], v[key])
+        yield from (up, *counters.values())
 
 
 class MetricsServer:

@@ -17,10 +17,10 @@ import time
 from ._fastpath import Engine
 from .config import Config
 from .keying import ClientKeying, Keying, ServerKeying
-from .logfields import event, hostport
+from .logfields import hostport
 from .clientpaths import ClientPaths
 from .paths import open_server_socket
-from .pathstate import PathStates
+from .peers import Peer, Peers
 
 log = logging.getLogger("multitun")
 
@@ -42,8 +42,8 @@ class ClientRole:
     def wake_fds(self) -> tuple[int, ...]:
         return (self.paths.watch.fileno(),)
 
-    def start(self, engine: Engine, states: PathStates) -> None:
-        self.paths.start(engine, states)
+    def start(self, engine: Engine, peers: Peers) -> None:
+        self.paths.start(engine, peers[0].states)
 
     def log_start(self) -> None:
         self.paths.log_start()
@@ -60,11 +60,11 @@ class ClientRole:
         p = self.paths.paths.get(path)
         return {"local": self.paths.local(path), **(p.describe() if p else {})}
 
-    def on_events(self, stats: dict, paths: list[dict], states: PathStates) -> None:
+    def on_events(self, peer: Peer, paths: list[dict]) -> None:
         """The engine said something changed. The client logs its handshakes
         itself (keying.py) and knows its endpoints: nothing of its own."""
 
-    def housekeeping(self, paths: list[dict], states: PathStates) -> None:
+    def housekeeping(self, peer: Peer, paths: list[dict]) -> None:
         self.paths.reconnect()
 
     def close(self) -> None:
@@ -80,7 +80,6 @@ class ServerRole:
         self.config = config
         self.listening = hostport(str(config.server_listen), config.port)
         self.timeout_ns = int(config.timeout * 1e9)
-        self.seen_key_changes = 0
 
     def open_sockets(self, gro: bool, tun: str) -> list[int]:
         self.sock = open_server_socket(self.config.server_listen, self.config.port, gro)
@@ -89,7 +88,7 @@ class ServerRole:
     def wake_fds(self) -> tuple[int, ...]:
         return ()
 
-    def start(self, engine: Engine, states: PathStates) -> None:
+    def start(self, engine: Engine, peers: Peers) -> None:
         self.engine = engine
 
     def on_wake(self) -> None:
@@ -108,31 +107,35 @@ class ServerRole:
     def describe(self, path: int) -> dict:
         return {"local": self.listening}
 
-    def on_events(self, stats: dict, paths: list[dict], states: PathStates) -> None:
+    def on_events(self, peer: Peer, paths: list[dict]) -> None:
         """Log new keys the client confirmed and endpoints learned or moved."""
-        if stats["key_changes"] != self.seen_key_changes:
-            log.log(logging.INFO if self.seen_key_changes == 0 else logging.DEBUG,
-                    "client confirmed keys %08x", stats["key_id"],
-                    extra=event("keys_confirmed", key_id=f"{stats['key_id']:08x}"))
-            self.seen_key_changes = stats["key_changes"]
+        keys = self.engine.peer_stats(peer.index)
+        if keys["key_changes"] != peer.seen_key_changes:
+            log.log(logging.INFO if peer.seen_key_changes == 0 else logging.DEBUG,
+                    peer.said("client confirmed keys %08x"), keys["key_id"],
+                    extra=peer.fields("keys_confirmed", key_id=f"{keys['key_id']:08x}"))
+            peer.seen_key_changes = keys["key_changes"]
+            peer.keys_confirmed_at = time.monotonic()
         for p in paths:
-            state = states[p["path"]]
+            state = peer.states[p["path"]]
             if p["remote"] and p["remote"] != state.logged_remote:
-                log.info("path %d: peer endpoint %s", p["path"], hostport(*p["remote"]),
-                         extra=event("endpoint_learned", path=p["path"],
-                                     remote=hostport(*p["remote"])))
+                log.info(peer.said("path %d: peer endpoint %s"), p["path"],
+                         hostport(*p["remote"]),
+                         extra=peer.fields("endpoint_learned", path=p["path"],
+                                           remote=hostport(*p["remote"])))
             state.logged_remote = p["remote"]
 
-    def housekeeping(self, paths: list[dict], states: PathStates) -> None:
+    def housekeeping(self, peer: Peer, paths: list[dict]) -> None:
         """Forget endpoints silent for --timeout: the client moved or left."""
         now_ns = time.monotonic_ns()
         for p in paths:
             i = p["path"]
             if p["active"] and now_ns - p["last_rx_ns"] > self.timeout_ns:
-                self.engine.forget(i)
-                states[i].forget_endpoint()
-                log.info("path %d: forgot %s after %gs of silence", i, hostport(*p["remote"]),
-                         self.config.timeout, extra=event("endpoint_forgotten", path=i))
+                self.engine.forget(i, peer.index)
+                peer.states[i].forget_endpoint()
+                log.info(peer.said("path %d: forgot %s after %gs of silence"), i,
+                         hostport(*p["remote"]), self.config.timeout,
+                         extra=peer.fields("endpoint_forgotten", path=i))
 
 
 def role_for(config: Config) -> ClientRole | ServerRole:

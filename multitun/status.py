@@ -27,14 +27,15 @@ import time
 from typing import TYPE_CHECKING
 
 from ._version import __version__
-from .counters import PATH_COUNTERS, TUNNEL_COUNTERS
+from .counters import PATH_COUNTERS, PEER_COUNTERS, TUNNEL_COUNTERS
 from .errors import OneLineParser, SetupError
 from .logfields import hostport
 from .ratelimit import TokenBucket
 
 if TYPE_CHECKING:
-    from .keying import Keying
+    from ._fastpath import Engine
     from .pathstate import PathStates
+    from .peers import Peer, Peers
     from .roles import ClientRole, ServerRole
 
 PREFIX = "multitun/"
@@ -51,24 +52,55 @@ def address(dev: str) -> bytes:
     return b"\0" + (PREFIX + dev).encode()
 
 
-def snapshot(role: ClientRole | ServerRole, dev: str, started: float, stats: dict,
-             paths: list[dict], states: PathStates, keying: Keying | None) -> dict:
+def snapshot(role: ClientRole | ServerRole, dev: str, started: float, engine: Engine,
+             peers: Peers) -> dict:
     """What `multitun status` and the metrics report, from the engine's
-    ``stats()`` and ``paths()``, the paths' states and the keying."""
-    by_index = {p["path"]: p for p in paths}
-    counted = [(p, _counters(p, PATH_COUNTERS)) for p in paths]
+    counters, the paths' states and the keying. One peer: its paths and
+    keys at the top level. A fleet server: a list of peers, each with its
+    own."""
+    stats = engine.stats()
     tunnel = _counters(stats, TUNNEL_COUNTERS)
-    # Counted per path now; the totals stay for readers of earlier output.
+    paths = {peer.index: engine.paths(peer.index) for peer in peers}
+    views = [_peer(role, engine, peer, paths[peer.index]) for peer in peers]
+    # Counted per path now; the totals (forgotten paths' too) stay for
+    # readers of earlier output.
     for key in ("send_dropped", "gso_fallbacks"):
-        tunnel[key] = sum(c[key] for _, c in counted)
-    return {
+        tunnel[key] = sum(p[key] for each in paths.values() for p in each)
+    out = {
         "version": __version__, "role": role.name, "dev": dev, "pid": os.getpid(),
         "uptime_s": round(time.monotonic() - started, 3),
         "session": f"{stats['session']:08x}",
-        "peer_session": f"{stats['peer_session']:08x}" if stats["peer_session"] else None,
         "tunnel": tunnel,
-        "security": keying.snapshot() if keying else {"keyed": False},
-        "paths": [_path(i, by_index[i], role, states) for i in role.listed(by_index)],
+    }
+    if not peers.fleet:
+        view = views[0]
+        return {**out, "peer_session": f"{stats['peer_session']:08x}"
+                if stats["peer_session"] else None,
+                "security": view["security"], "paths": view["paths"]}
+    return {**out, "peer_session": None,
+            "security": {"keyed": True, "fleet": True, "handshake_unknown_key":
+                         peers.unknown_key},
+            "paths": [], "peers": views}
+
+
+def _peer(role: ClientRole | ServerRole, engine: Engine, peer: Peer,
+          paths: list[dict]) -> dict:
+    by_index = {p["path"]: p for p in paths}
+    listed = [_path(i, by_index[i], role, peer.states) for i in role.listed(by_index)]
+    up = [p for p in listed if p["state"] == "up"]
+    rtts = [p["rtt_ms"] for p in up if p["rtt_ms"] is not None]
+    return {
+        "name": peer.name, "index": peer.index,
+        "allowed_ips": [str(n) for n in peer.spec.allowed_ips] if peer.spec else None,
+        "paths_up": len(up),
+        "best_rtt_ms": min(rtts) if rtts else None,
+        "keys_confirmed_s_ago": None if peer.keys_confirmed_at is None
+        else round(time.monotonic() - peer.keys_confirmed_at, 1),
+        "tx_bytes": sum(p["tx_bytes"] for p in listed),
+        "rx_bytes": sum(p["rx_bytes"] for p in listed),
+        **_counters(engine.peer_stats(peer.index), PEER_COUNTERS),
+        "security": peer.keying.snapshot() if peer.keying else {"keyed": False},
+        "paths": listed,
     }
 
 
@@ -221,17 +253,67 @@ def _state(path: dict) -> str:
     return "wait" if path.get("link") == "waiting" else path["state"]
 
 
-def render(st: dict) -> str:
+def render(st: dict, peer: str | None = None) -> str:
+    """The status as tables: one peer's paths, or a fleet server's peers
+    (``peer``: one of them in full)."""
+    if st.get("peers") is None:
+        if peer is not None:
+            peer_view(st, peer)  # says why not
+        return _render_one(st, st, f"peer {st['peer_session'] or 'not seen yet'}")
+    if peer is None:
+        return _render_fleet(st)
+    view = peer_view(st, peer)
+    return _render_one(st, view, f"peer {peer}, allowed {', '.join(view['allowed_ips'])}")
+
+
+def peer_view(st: dict, peer: str) -> dict:
+    """One peer of a fleet server's status."""
+    if st.get("peers") is None:
+        raise StatusError("--peer: this instance has no [[peer]] tables (one client)")
+    view = next((v for v in st["peers"] if v["name"] == peer), None)
+    if view is None:
+        raise StatusError(f"--peer: no peer {peer!r} (peers: "
+                          f"{', '.join(v['name'] for v in st['peers'])})")
+    return view
+
+
+def _render_fleet(st: dict) -> str:
     t = st["tunnel"]
     lines = [
         f"multitun {st['role']} on {st['dev']} (pid {st['pid']}), up {_duration(st['uptime_s'])}, "
-        f"session {st['session']}, peer {st['peer_session'] or 'not seen yet'}",
+        f"{len(st['peers'])} peers",
+        "",
+        f"{'peer':16} {'paths up':>8} {'best rtt ms':>11} {'keys':>9} {'tx bytes':>14} "
+        f"{'rx bytes':>14} {'delivered':>10} {'refused':>8}",
+    ]
+    for v in st["peers"]:
+        keys = "-" if v["keys_confirmed_s_ago"] is None else f"{v['keys_confirmed_s_ago']:.0f}s ago"
+        lines.append(
+            f"{v['name']:16} {v['paths_up']:>8} {_num(v['best_rtt_ms'], '.3f'):>11} "
+            f"{keys:>9} {v['tx_bytes']:>14} {v['rx_bytes']:>14} {v['delivered']:>10} "
+            f"{v['source_refused']:>8}")
+    lines += [
+        "",
+        f"tunnel: {t['delivered']} packets delivered, {t['tun_rx_packets']} sent, "
+        f"{t['no_route']} to no peer's address; refused: {t['auth_failed']} packets failing "
+        f"authentication, {st['security']['handshake_unknown_key']} handshakes with a key no "
+        f"peer has",
+        "(multitun status --peer NAME shows one peer's paths)",
+    ]
+    return "\n".join(lines)
+
+
+def _render_one(st: dict, view: dict, who: str) -> str:
+    t = st["tunnel"]
+    lines = [
+        f"multitun {st['role']} on {st['dev']} (pid {st['pid']}), up {_duration(st['uptime_s'])}, "
+        f"session {st['session']}, {who}",
         "",
         f"{'path':6} {'state':5} {'iface':8} {'local':>22} {'remote':>22} {'rtt ms':>8} {'min':>7} "
         f"{'jitter':>7} {'loss%':>6} {'tx pkts':>10} {'rx pkts':>10} {'first':>10} "
         f"{'dups':>10} {'errors':>7} {'dropped':>7}",
     ]
-    for p in st["paths"]:
+    for p in view["paths"]:
         lines.append(
             f"{p['name']:6} {_state(p):5} {p.get('interface') or '-':8} "
             f"{p['local'] or '-':>22} {p['remote'] or '-':>22} "
@@ -244,7 +326,7 @@ def render(st: dict) -> str:
         f"{'path':6} {'capacity':>12} {'queue ms':>9} {'pacing':>12} {'held':>6} "
         f"{'wait ms':>8} {'aqm drop':>9} {'stale':>9}",
     ]
-    for p in st["paths"]:
+    for p in view["paths"]:
         lines.append(
             f"{p['name']:6} {_rate(p['capacity_mbit']):>12} {_num(p['queue_delay_ms'], '.1f'):>9} "
             f"{_rate(p['pacing_mbit']):>12} {p['queue_packets']:>6} "
@@ -261,7 +343,7 @@ def render(st: dict) -> str:
         f"{t['too_old']} too old, {t['malformed']} malformed, {t['wrong_session']} wrong "
         f"session, {t['unknown_source']} unknown source{rare}",
     ]
-    sec = st["security"]
+    sec = view["security"]
     if sec["keyed"]:
         lines.append(
             f"sealed: {sec['cipher'] or 'no cipher agreed yet'} (--cipher "
@@ -287,6 +369,9 @@ def build_parser() -> OneLineParser:
     p.add_argument("--dev", metavar="NAME",
                    help="the instance's TUN device (needed when several run here)")
     p.add_argument("--json", action="store_true", help="print a JSON object")
+    p.add_argument("--peer", metavar="NAME",
+                   help="a server with [[peer]] tables: show this peer's paths and keys "
+                        "(the default lists the peers)")
     p.add_argument("--watch", nargs="?", const=1.0, type=float, metavar="SECONDS",
                    help="refresh every SECONDS (default 1) until Ctrl-C")
     return p
@@ -297,7 +382,10 @@ def main(argv: list[str]) -> int:
     try:
         while True:
             st = query(args.dev)
-            out = json.dumps(st, indent=2) if args.json else render(st)
+            if args.json:
+                out = json.dumps(peer_view(st, args.peer) if args.peer else st, indent=2)
+            else:
+                out = render(st, args.peer)
             if args.watch:
                 print("\033[H\033[2J" + out, flush=True)  # home, clear screen
                 time.sleep(args.watch)

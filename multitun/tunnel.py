@@ -27,13 +27,14 @@ import time
 from . import wire
 from ._fastpath import WAKE, Engine
 from ._version import __version__
-from .config import Config
+from .config import MAX_PEERS, Config
 from .device import TunDevice
-from .keying import Keying
+from .errors import ConfigError
 from .logfields import event, hostport
 from .metrics import MetricsServer
 from .paths import kernel_offloads
-from .pathstate import PathStates
+from .peerconfig import read_peers
+from .peers import Peer, Peers
 from .roles import role_for
 from .status import StatusServer, snapshot
 from .system import cpu_latency_qos, notify_systemd
@@ -57,15 +58,17 @@ class Tunnel:
         self.stopping = False
         self.started = time.monotonic()
         self.probe_seq = 0
-        self.states = PathStates(config)
         self.published: dict = {}
-        self._seen_sessions = 0
-        self._seen_rejections = (0, 0, 0)
+        self._seen_rejections = (0, 0)
+        self._seen_unknown_key = 0
         self._next_error_summary = 0.0
-        self.keying: Keying | None = None
+        self._reload = False
 
     def stop(self, signum: int = 0, frame: object = None) -> None:
         self.stopping = True
+
+    def reload(self, signum: int = 0, frame: object = None) -> None:
+        self._reload = True
 
     def run(self) -> int:
         """Run until SIGINT/SIGTERM (0) or until the data plane fails (1)."""
@@ -85,11 +88,11 @@ class Tunnel:
             stack.callback(role.close)
             self.engine = Engine(
                 device.fd, socks, role.server, new_session(), (wake_fd, *role.wake_fds()),
-                gso=gso, busy_poll_us=cfg.effective_busy_poll_us, keyed=cfg.key is not None,
-                vnet_hdr=device.vnet_hdr, stale_margin_us=int(cfg.stale_margin_ms * 1000))
-            if cfg.key is not None:
-                self.keying = role.keying(self.engine, cfg.key, cfg.cipher)
-            role.start(self.engine, self.states)
+                gso=gso, busy_poll_us=cfg.effective_busy_poll_us, keyed=cfg.keyed,
+                vnet_hdr=device.vnet_hdr, stale_margin_us=int(cfg.stale_margin_ms * 1000),
+                fleet=bool(cfg.peers))
+            self.peers = Peers(cfg, self.engine, role.keying)
+            role.start(self.engine, self.peers)
             self._gso, self._wake_fd = gso, wake_fd
             self._publish()
             self.status.start()
@@ -111,6 +114,11 @@ class Tunnel:
         stack.callback(os.close, wfd)
         for sig in (signal.SIGINT, signal.SIGTERM):
             stack.callback(signal.signal, sig, signal.signal(sig, self.stop))
+        if self.config.peers_file:
+            # A fleet server whose peers are in its config file reads them
+            # again on SIGHUP; anything else keeps SIGHUP's default (it ends).
+            stack.callback(signal.signal, signal.SIGHUP,
+                           signal.signal(signal.SIGHUP, self.reload))
         stack.callback(signal.set_wakeup_fd, signal.set_wakeup_fd(wfd, warn_on_full_buffer=False))
         return rfd
 
@@ -133,11 +141,16 @@ class Tunnel:
                      else "not supported by this kernel")
         if cfg.metrics:
             log.info("metrics on http://%s/metrics", hostport(*cfg.metrics))
-        if self.keying:
+        if cfg.peers:
+            log.info("a fleet of %d peers (%s), each sealed under keys from a Noise_NNpsk0 "
+                     "handshake with its own key; --cipher %s", len(cfg.peers),
+                     ", ".join(p.name for p in cfg.peers), cfg.cipher)
+        elif cfg.key is not None:
+            keying = self.peers[0].keying
             log.info("sealed under keys from a Noise_NNpsk0 handshake with the key file's "
-                     "key; --cipher %s%s", self.keying.cipher,
-                     f" (AES instructions here: {'yes' if self.keying.has_aes else 'no'})"
-                     if self.keying.cipher == "auto" else "")
+                     "key; --cipher %s%s", keying.cipher,
+                     f" (AES instructions here: {'yes' if keying.has_aes else 'no'})"
+                     if keying.cipher == "auto" else "")
         else:
             log.warning("no --key-file: the tunnel is neither authenticated nor encrypted; "
                         "anyone on a path can read it, and anyone who can reach the server "
@@ -156,53 +169,67 @@ class Tunnel:
     def _log_events(self) -> None:
         """Say what changed: a peer (re)started, what the role logs (endpoints,
         keys), a path refused UDP GSO."""
-        stats, paths = self.engine.stats(), self.engine.paths()
-        if stats["session_changes"] != self._seen_sessions:
-            first = self._seen_sessions == 0
-            log.info("peer %s session %08x", "started" if first else "restarted: new",
-                     stats["peer_session"],
-                     extra=event("peer_started" if first else "peer_restarted",
-                                 session=f"{stats['peer_session']:08x}"))
-            self._seen_sessions = stats["session_changes"]
-        self.role.on_events(stats, paths, self.states)
-        for p in paths:
-            state, gso = self.states[p["path"]], (p["udp_gso"], p["udp_gso_max"])
-            if not self._gso or gso == state.logged_gso:
-                continue
-            state.logged_gso = gso
-            if not p["udp_gso"]:
-                log.warning("path %d: refused a UDP GSO train (%s); sending datagrams one "
-                            "by one on it", p["path"], os.strerror(p["last_errno"]),
-                            extra=event("gso_refused", path=p["path"]))
-            else:
-                log.warning("path %d: refused a UDP GSO train of datagrams over %d bytes (%s): "
-                            "its MTU is smaller; those go one by one, fragmented by the "
-                            "kernel, shorter ones still in trains", p["path"],
-                            p["udp_gso_max"], os.strerror(p["last_errno"]),
-                            extra=event("gso_refused", path=p["path"],
-                                        max_datagram=p["udp_gso_max"]))
+        stats = self.engine.stats()
+        for peer in self.peers:
+            paths = self.engine.paths(peer.index)
+            if not self.peers.fleet and stats["session_changes"] != peer.seen_sessions:
+                first = peer.seen_sessions == 0
+                log.info("peer %s session %08x", "started" if first else "restarted: new",
+                         stats["peer_session"],
+                         extra=event("peer_started" if first else "peer_restarted",
+                                     session=f"{stats['peer_session']:08x}"))
+                peer.seen_sessions = stats["session_changes"]
+            self.role.on_events(peer, paths)
+            for p in paths:
+                self._log_gso(peer, p)
 
-    def _log_send_errors(self, paths: list[dict]) -> None:
+    def _log_gso(self, peer: Peer, p: dict) -> None:
+        state, gso = peer.states[p["path"]], (p["udp_gso"], p["udp_gso_max"])
+        if not self._gso or gso == state.logged_gso:
+            return
+        state.logged_gso = gso
+        if not p["udp_gso"]:
+            log.warning(peer.said("path %d: refused a UDP GSO train (%s); sending datagrams "
+                                  "one by one on it"), p["path"], os.strerror(p["last_errno"]),
+                        extra=peer.fields("gso_refused", path=p["path"]))
+        else:
+            log.warning(peer.said("path %d: refused a UDP GSO train of datagrams over %d bytes "
+                                  "(%s): its MTU is smaller; those go one by one, fragmented "
+                                  "by the kernel, shorter ones still in trains"), p["path"],
+                        p["udp_gso_max"], os.strerror(p["last_errno"]),
+                        extra=peer.fields("gso_refused", path=p["path"],
+                                          max_datagram=p["udp_gso_max"]))
+
+    def _log_send_errors(self, peer: Peer, paths: list[dict]) -> None:
         for p in paths:
-            state = self.states[p["path"]]
+            state = peer.states[p["path"]]
             errors = p["send_errors"] - state.logged_send_errors
             if errors:
-                log.warning("path %d: %d send errors in the last %gs (last: %s)", p["path"],
-                            errors, ERROR_SUMMARY_INTERVAL, os.strerror(p["last_errno"]),
-                            extra=event("send_errors", path=p["path"], count=errors))
+                log.warning(peer.said("path %d: %d send errors in the last %gs (last: %s)"),
+                            p["path"], errors, ERROR_SUMMARY_INTERVAL,
+                            os.strerror(p["last_errno"]),
+                            extra=peer.fields("send_errors", path=p["path"], count=errors))
                 state.logged_send_errors = p["send_errors"]
 
     def _log_rejections(self) -> None:
-        """One line per summary interval when packets fail authentication or
-        come from a peer of the other mode, naming the last sender."""
+        """One line per summary interval when packets fail authentication,
+        handshakes fail it (or, on a fleet server, claim a key no peer has),
+        or packets come from a peer of the other mode, naming the last
+        sender."""
         stats = self.engine.stats()
-        handshakes = self.keying.rejected if self.keying else None
-        counts = (stats["auth_failed"], stats["key_mismatch"],
-                  handshakes.auth_failed if handshakes else 0)
-        failed, mismatched, refused = (c - seen for c, seen in zip(counts, self._seen_rejections))
+        refused, source = self.peers.unknown_key - self._seen_unknown_key, \
+            self.peers.unknown_key_source
+        self._seen_unknown_key = self.peers.unknown_key
+        for peer in self.peers:
+            if peer.keying and peer.keying.rejected.auth_failed != peer.seen_refused:
+                refused += peer.keying.rejected.auth_failed - peer.seen_refused
+                peer.seen_refused = peer.keying.rejected.auth_failed
+                source = peer.keying.rejected.last_source
+        counts = (stats["auth_failed"], stats["key_mismatch"])
+        failed, mismatched = (c - seen for c, seen in zip(counts, self._seen_rejections))
         self._seen_rejections = counts
         if failed or refused:
-            source = handshakes.last_source if refused else stats["rejected_from"]
+            source = source if refused else stats["rejected_from"]
             log.warning("authentication failing: %d packets and %d handshakes in the last %gs, "
                         "last from %s (a sender without our key)", failed, refused,
                         ERROR_SUMMARY_INTERVAL, hostport(*source) if source else "?",
@@ -212,7 +239,7 @@ class Tunnel:
             source = stats["rejected_from"]
             log.warning("%d packets in the last %gs from %s %s", mismatched,
                         ERROR_SUMMARY_INTERVAL, hostport(*source) if source else "?",
-                        "in clear: the peer has no --key-file" if self.keying else
+                        "in clear: the peer has no --key-file" if self.config.keyed else
                         "sealed: the peer has a --key-file and this side has none",
                         extra=event("key_mismatch", packets=mismatched))
 
@@ -244,10 +271,15 @@ class Tunnel:
                 _drain(self._wake_fd)
                 self.role.on_wake()  # the kernel's interfaces changed, say
                 publish = True
+            if self._reload:
+                self._reload = False
+                self._reload_peers()
+                publish = True
             now = time.monotonic()
             if now >= next_probe:
-                if self.keying:
-                    self.keying.tick(now)
+                for peer in self.peers:
+                    if peer.keying:
+                        peer.keying.tick(now)
                 self._probe()
                 next_probe = max(next_probe + interval, now)
                 publish = True
@@ -259,66 +291,97 @@ class Tunnel:
                 self._publish()
         return 0
 
-    def _probe(self) -> None:
+    def _reload_peers(self) -> None:
+        """SIGHUP: read the config file's peers again (only a fleet server
+        whose peers are in its file takes the signal). A set that does not
+        pass the checks is refused in one line, and the old one stays."""
+        cfg = self.config
+        try:
+            specs = read_peers(cfg.peers_file, MAX_PEERS)
+            if not specs:
+                raise ConfigError(f"{cfg.peers_file}: no [[peer]] tables left")
+        except ConfigError as e:
+            log.error("SIGHUP: reload refused, the peers stay as they were: %s", e,
+                      extra=event("reload_refused", error=str(e)))
+            return
+        added, removed, changed = self.peers.apply(specs)
+        log.info("SIGHUP: peers reloaded: %d added (%s), %d removed (%s), %d changed (%s), "
+                 "%d in all", len(added), ", ".join(added) or "-", len(removed),
+                 ", ".join(removed) or "-", len(changed), ", ".join(changed) or "-",
+                 len(specs), extra=event("peers_reloaded", added=added, removed=removed,
+                                         changed=changed))
+
+    def _probe(self, only: Peer | None = None) -> None:
+        """Probe every path of every peer (or of ``only``) that has an
+        endpoint; before that, the paths' health and pacing follow the time."""
         engine = self.engine
         self.probe_seq += 1
         now_ns = time.monotonic_ns()
-        for i, state in self.states.items():
-            if state.health.tick(now_ns):
-                log.warning("path %d down: no probe answered for %.1fs", i,
-                            (now_ns - state.health.last_answer_ns) / 1e9,
-                            extra=event("path_down", path=i))
-            self._shape(i, now_ns)
-        for p in engine.paths():
-            if p["active"]:
-                i = p["path"]
-                # ENOKEY: sealed, and no handshake yet; nothing was sent.
-                if engine.send_probe(i, self.probe_seq, now_ns) != errno.ENOKEY:
-                    self.states[i].health.sent(self.probe_seq, now_ns)
-                    self.states[i].capacity.sent(self.probe_seq, now_ns)
+        for peer in (only,) if only else self.peers:
+            for i, state in peer.states.items():
+                if state.health.tick(now_ns):
+                    log.warning(peer.said("path %d down: no probe answered for %.1fs"), i,
+                                (now_ns - state.health.last_answer_ns) / 1e9,
+                                extra=peer.fields("path_down", path=i))
+                self._shape(peer, i, now_ns)
+            for p in engine.paths(peer.index):
+                if p["active"]:
+                    i = p["path"]
+                    # ENOKEY: sealed, and no handshake yet; nothing was sent.
+                    if engine.send_probe(i, self.probe_seq, now_ns, peer.index) != errno.ENOKEY:
+                        peer.states[i].health.sent(self.probe_seq, now_ns)
+                        peer.states[i].capacity.sent(self.probe_seq, now_ns)
 
-    def _on_control(self, path: int, rx_ns: int, datagram: bytes, source: tuple | None,
-                    reply_to: object) -> None:
+    def _on_control(self, index: int, path: int, rx_ns: int, datagram: bytes,
+                    source: tuple | None, reply_to: object) -> None:
         if wire.peek_header(datagram).type == wire.PacketType.PROBE_REPLY:
-            self._on_probe_reply(path, rx_ns, datagram)
-        elif self.keying and self.keying.on_control(path, datagram, source, reply_to,
-                                                    time.monotonic()):
-            self._probe()  # the first authentic packets under the new keys, on every path
+            self._on_probe_reply(self.peers[index], path, rx_ns, datagram)
+            return
+        # A handshake. Index -1: a first message to a fleet server, whose peer
+        # is the one whose key it claims.
+        peer = self.peers[index] if index >= 0 else self.peers.for_handshake(datagram, source)
+        if peer is not None and peer.keying and peer.keying.on_control(
+                path, datagram, source, reply_to, time.monotonic()):
+            self._probe(peer)  # the first authentic packets under the new keys, on every path
 
-    def _on_probe_reply(self, path: int, rx_ns: int, datagram: bytes) -> None:
+    def _on_probe_reply(self, peer: Peer, path: int, rx_ns: int, datagram: bytes) -> None:
         timestamp_ns, number = wire.probe_payload(datagram)
         rtt_ns = rx_ns - timestamp_ns
-        log.debug("path %d: probe %d answered in %.0f us", path, number, rtt_ns / 1000)
-        state = self.states[path]
+        log.debug(peer.said("path %d: probe %d answered in %.0f us"), path, number,
+                  rtt_ns / 1000)
+        state = peer.states[path]
         if state.health.answered(number, rtt_ns, rx_ns):
-            log.info("path %d up: round trip %.3f ms", path, rtt_ns / 1e6,
-                     extra=event("path_up", path=path, rtt_ms=round(rtt_ns / 1e6, 3)))
+            log.info(peer.said("path %d up: round trip %.3f ms"), path, rtt_ns / 1e6,
+                     extra=peer.fields("path_up", path=path, rtt_ms=round(rtt_ns / 1e6, 3)))
         feedback = wire.probe_feedback(datagram)
         if feedback is not None:
-            state.capacity.feedback(number, rtt_ns, *feedback, held=self.engine.held(path))
-        self._shape(path, rx_ns)
+            state.capacity.feedback(number, rtt_ns, *feedback,
+                                    held=self.engine.held(path, peer.index))
+        self._shape(peer, path, rx_ns)
 
-    def _shape(self, path: int, now_ns: int) -> None:
+    def _shape(self, peer: Peer, path: int, now_ns: int) -> None:
         """Tell the engine how to pace the path, and its delay: none unless
         it answers now, for a path that went silent must be nobody's reason
         to drop a copy as stale (at every probe, so within a few intervals)."""
-        state = self.states[path]
+        state = peer.states[path]
         delay = state.capacity.delay_ns if state.health.answering(now_ns) else 0
-        self.engine.shape(path, state.capacity.pacing_rate, delay)
+        self.engine.shape(path, state.capacity.pacing_rate, delay, peer.index)
 
     def _housekeeping(self, now: float) -> None:
-        paths = self.engine.paths()
-        self.role.housekeeping(paths, self.states)
-        if now >= self._next_error_summary:
-            self._log_send_errors(paths)
+        summary = now >= self._next_error_summary
+        for peer in self.peers:
+            paths = self.engine.paths(peer.index)
+            self.role.housekeeping(peer, paths)
+            if summary:
+                self._log_send_errors(peer, paths)
+        if summary:
             self._log_rejections()
             self._next_error_summary = now + ERROR_SUMMARY_INTERVAL
 
     def _publish(self) -> None:
         """What `multitun status` answers and the metrics report until the next
         publish: their threads read only this, never the engine."""
-        self.published = snapshot(self.role, self.dev, self.started, self.engine.stats(),
-                                  self.engine.paths(), self.states, self.keying)
+        self.published = snapshot(self.role, self.dev, self.started, self.engine, self.peers)
         self.status.publish(self.published)
 
 

@@ -40,14 +40,16 @@ PROBE_MAX_PAYLOAD = 64
 # in: when the peer received the probe (its CLOCK_MONOTONIC) and the bytes it
 # has received on the path. A peer from before feedback echoes the zeros.
 PROBE_FEEDBACK_PAYLOAD = 32
-# Version 2 handshake messages (multitun/keying.py): an ephemeral public key
-# and, sealed, a ticket, the cipher offer (multitun/ciphers.py) and 8 reserved
-# bytes; an ephemeral public key and, sealed, the cipher choice and a new
-# ticket; a nonce and a sealed ticket (the cookie: a first message's ticket
-# was missing or stale). Each answer is shorter than what it answers.
+# Version 2 handshake messages (multitun/keying.py): the key's fingerprint
+# (which peer's key a fleet server proves it with), an ephemeral public key
+# and, sealed, a ticket and the cipher offer (multitun/ciphers.py); an
+# ephemeral public key and, sealed, the cipher choice and a new ticket; a
+# nonce and a sealed ticket (the cookie: a first message's ticket was
+# missing or stale). Each answer is shorter than what it answers.
 NONCE_LEN = 12
 TICKET_LEN = 24
-HANDSHAKE_INIT_LEN = HEADER_LEN + 32 + TICKET_LEN + 1 + 8 + TAG_LEN
+FINGERPRINT_LEN = 8
+HANDSHAKE_INIT_LEN = HEADER_LEN + FINGERPRINT_LEN + 32 + TICKET_LEN + 1 + TAG_LEN
 HANDSHAKE_RESPONSE_LEN = HEADER_LEN + 32 + 1 + TICKET_LEN + TAG_LEN
 HANDSHAKE_COOKIE_LEN = HEADER_LEN + NONCE_LEN + TICKET_LEN + TAG_LEN
 

@@ -3,7 +3,7 @@
 import pytest
 from hypothesis import given, strategies as st
 
-from multitun import _fastpath, _testing, ciphers, wire
+from multitun import _fastpath, _testing, ciphers, config, wire
 
 IPV4 = bytes([0x45]) + bytes(19)
 IPV6 = bytes([0x60]) + bytes(39)
@@ -43,8 +43,12 @@ def test_constants_agree():
         "HANDSHAKE_RESPONSE_LEN": wire.HANDSHAKE_RESPONSE_LEN,
         "HANDSHAKE_COOKIE_LEN": wire.HANDSHAKE_COOKIE_LEN,
         "T_HANDSHAKE_COOKIE": wire.PacketType.HANDSHAKE_COOKIE, "TICKET_LEN": wire.TICKET_LEN,
-        "MAX_DATAGRAM": wire.MAX_DATAGRAM,
+        "FINGERPRINT_LEN": wire.FINGERPRINT_LEN, "MAX_DATAGRAM": wire.MAX_DATAGRAM,
     }
+
+
+def test_peer_limit_agrees():
+    assert _fastpath.LIMITS == {"MAX_PEERS": config.MAX_PEERS}
 
 
 def test_cipher_numbers_agree():

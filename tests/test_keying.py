@@ -41,10 +41,10 @@ class Ends:
         completed = 0
         for _ in range(3):
             b.run(0)
-            for path, _, datagram, source, reply_to in b.take_control():
+            for _, path, _, datagram, source, reply_to in b.take_control():
                 self.server.on_control(path, datagram, source, reply_to, self.now)
             a.run(0)
-            for path, _, datagram, source, reply_to in a.take_control():
+            for _, path, _, datagram, source, reply_to in a.take_control():
                 if self.client.on_control(path, datagram, source, reply_to, self.now):
                     completed += 1
                     a.send_probe(0, 1, 0)  # what the tunnel does: confirm at once
@@ -84,7 +84,7 @@ def test_response_is_shorter_than_the_request(ends):
     init = ends.pair.udp[1].recv(200)
     ends.pair.udp[0].send(init)  # deliver it to the server ourselves
     ends.pair.engines[1].run(0)
-    (path, _, datagram, source, reply_to), = ends.pair.engines[1].take_control()
+    (_, path, _, datagram, source, reply_to), = ends.pair.engines[1].take_control()
     ends.server.on_control(path, datagram, source, reply_to, ends.now)
     response = ends.pair.udp[0].recv(200)
     assert len(init) == wire.HANDSHAKE_INIT_LEN == 97
@@ -100,7 +100,7 @@ def test_each_end_takes_only_the_handshake_message_meant_for_it(ends):
     init = ends.pair.udp[1].recv(200)
     ends.pair.udp[1].send(init)  # back to the client
     a.run(0)
-    (path, _, datagram, source, reply_to), = a.take_control()
+    (_, path, _, datagram, source, reply_to), = a.take_control()
     pending = ends.client.pending
     assert ends.client.on_control(path, datagram, source, reply_to, ends.now) is False
     assert ends.client.pending is pending and ends.client.rejected.as_dict() == {
@@ -108,12 +108,12 @@ def test_each_end_takes_only_the_handshake_message_meant_for_it(ends):
         "handshake_cookies": 0}
     ends.pair.udp[0].send(init)
     b.run(0)
-    (path, _, datagram, source, reply_to), = b.take_control()
+    (_, path, _, datagram, source, reply_to), = b.take_control()
     assert ends.server.on_control(path, datagram, source, reply_to, ends.now) is False
     response = ends.pair.udp[0].recv(200)  # answered: a response now exists
     ends.pair.udp[0].send(response)  # back to the server
     b.run(0)
-    (path, _, datagram, source, reply_to), = b.take_control()
+    (_, path, _, datagram, source, reply_to), = b.take_control()
     assert wire.peek_header(datagram).type == wire.PacketType.HANDSHAKE_RESPONSE
     assert ends.server.on_control(path, datagram, source, reply_to, ends.now) is False
     assert ends.server.handshakes == 1 and ends.server.rejected.replayed == 0
@@ -129,7 +129,7 @@ def test_replayed_first_message_gets_no_response(ends):
     for when in (ends.now, ends.now + 0.1, ends.now + keying.COPIES_S + 1):
         ends.pair.udp[0].send(init)
         b.run(0)
-        for path, _, datagram, source, reply_to in b.take_control():
+        for _, path, _, datagram, source, reply_to in b.take_control():
             ends.server.on_control(path, datagram, source, reply_to, when)
     responses = []
     while True:
@@ -156,7 +156,7 @@ def test_a_first_message_with_a_used_ticket_is_refused(ends):
     for init in (new, old):
         ends.pair.udp[0].send(init)
         b.run(0)
-        for path, _, datagram, source, reply_to in b.take_control():
+        for _, path, _, datagram, source, reply_to in b.take_control():
             ends.server.on_control(path, datagram, source, reply_to, ends.now)
     assert ends.server.handshakes == 1 and ends.server.rejected.replayed == 1
     assert wire.peek_header(ends.pair.udp[0].recv(200)).type == wire.PacketType.HANDSHAKE_RESPONSE
@@ -187,7 +187,7 @@ def test_handshakes_are_rate_limited(ends):
     for init in inits:
         ends.pair.udp[0].send(init)
     b.run(0)
-    for path, _, datagram, source, reply_to in b.take_control():
+    for _, path, _, datagram, source, reply_to in b.take_control():
         ends.server.on_control(path, datagram, source, reply_to, ends.now)
     # From one address, the data plane sheds what is over its rate first
     # (limiter.pxd); the control plane's own limit takes the rest.
@@ -337,7 +337,7 @@ def test_a_cookie_that_is_not_authentic_changes_nothing():
         forged = header + tickets.seal_cookie(os.urandom(32), init[16:48], header, bytes(24))
         ends.pair.udp[1].send(forged)
         a.run(0)
-        (path, _, datagram, source, reply_to), = a.take_control()
+        (_, path, _, datagram, source, reply_to), = a.take_control()
         assert ends.client.on_control(path, datagram, source, reply_to, ends.now) is False
         assert ends.client.ticket == tickets.NONE and ends.client.rejected.auth_failed == 1
     finally:
@@ -350,7 +350,7 @@ def test_a_lost_response_costs_a_cookie_not_the_connection(ends):
     ends.client.tick(ends.now)
     b = ends.pair.engines[1]
     b.run(0)
-    for path, _, datagram, source, reply_to in b.take_control():
+    for _, path, _, datagram, source, reply_to in b.take_control():
         ends.server.on_control(path, datagram, source, reply_to, ends.now)
     ends.pair.udp[0].recv(200)  # the response, lost
     ends.client.tick(ends.now + keying.RETRY_S)

@@ -69,4 +69,5 @@ def test_sdist_has_the_sources(installed):
         names = {Path(n).name for n in tar.getnames()}
     assert {"_fastpath.pyx", "_fastpath.pyi", "_testing.pyx", "engine.pxi", "header.pxd",
             "linux.pxd", "py.typed",
-            "multitun@.service", "LICENSE"} <= names
+            "multitun@.service", "multitun-fleet@.service", "peers.pxi", "routes.pxd",
+            "LICENSE"} <= names

@@ -212,7 +212,7 @@ def test_probe_reply_is_sealed_and_the_same_size(pair):
     assert wire.unpack_header(reply).type == wire.PacketType.PROBE_REPLY
     pair.udp[1].send(reply)  # and on to a, which opens it for the control plane
     a.run(0)
-    ((path, _, datagram, source, _),) = a.take_control()
+    ((_, path, _, datagram, source, _),) = a.take_control()
     assert wire.probe_payload(datagram) == (123456789, 42)
     # b's feedback: every byte it received on the path, the probe's too.
     assert wire.probe_feedback(datagram)[1] == b.paths()[0]["rx_bytes"] >= len(probe)
@@ -232,7 +232,7 @@ def test_feedback_counts_the_copies_that_lost_the_race(pair):
     b.run(0)
     pair.udp[1].send(pair.udp[0].recv(100))
     a.run(0)
-    ((_, _, reply, _, _),) = a.take_control()
+    ((_, _, _, reply, _, _),) = a.take_control()
     assert wire.probe_feedback(reply)[1] == b.paths()[0]["rx_bytes"] + len(datagram)
 
 
@@ -314,7 +314,7 @@ def test_handshake_messages_go_up_with_where_they_came_from(pair):
     init = wire.pack_header(wire.PacketType.HANDSHAKE_INIT, 0, 99, 0, wire.VERSION_SEALED)
     pair.udp[0].send(init + os.urandom(wire.HANDSHAKE_INIT_LEN - wire.HEADER_LEN))
     b.run(0)
-    ((path, _, datagram, source, reply_to),) = b.take_control()
+    ((_, path, _, datagram, source, reply_to),) = b.take_control()
     assert datagram[:16] == init and source == pair.udp[0].getsockname()
     assert b.send_back(reply_to, b"answer") == 0
     assert pair.udp[0].recv(100) == b"answer"
@@ -335,7 +335,7 @@ def test_handshake_messages_go_up_with_where_they_came_from(pair):
                     s.sendto(init + os.urandom(wire.HANDSHAKE_INIT_LEN - wire.HEADER_LEN),
                              address)
             server.run(0)
-            tokens += [c[4] for c in server.take_control()]
+            tokens += [c[5] for c in server.take_control()]
         assert len(tokens) == 300
         assert server.send_back(tokens[-1], b"x") == 0
         with pytest.raises(ValueError):

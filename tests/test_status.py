@@ -15,9 +15,10 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from multitun import metrics, status
 from multitun.config import Config
-from multitun.counters import PATH_COUNTERS, TUNNEL_COUNTERS
+from multitun.counters import PATH_COUNTERS, PEER_COUNTERS, TUNNEL_COUNTERS
 from multitun.lab import TUN_SERVER, TunnelPair, ping, tcp_transfer
 from multitun.pathstate import PathStates
+from multitun.peers import Peers
 from multitun.roles import ServerRole
 
 from .conftest import requires_root
@@ -47,9 +48,29 @@ def engine_dicts(**counts):
     return stats, paths
 
 
+class EngineDicts:
+    """What an engine hands the snapshot, as given (tests/test_counters.py
+    holds these keys to a real engine's)."""
+
+    def __init__(self, stats, paths):
+        self._stats, self._paths = stats, paths
+
+    def stats(self):
+        return self._stats
+
+    def paths(self, peer=0):
+        return self._paths
+
+    def peer_stats(self, peer=0):
+        return {k: 0 for k in PEER_COUNTERS} | {"key_id": 0, "key_changes": 0}
+
+
 def server_snapshot(stats, paths, states=None):
-    return status.snapshot(ServerRole(SERVER), "multitun0", time.monotonic(), stats, paths,
-                           states or PathStates(SERVER), None)
+    engine = EngineDicts(stats, paths)
+    peers = Peers(SERVER, engine, None)
+    if states is not None:
+        peers[0].states = states
+    return status.snapshot(ServerRole(SERVER), "multitun0", time.monotonic(), engine, peers)
 
 
 def test_snapshot_has_every_counter():

@@ -13,14 +13,17 @@ from multitun.system import notify_systemd
 
 from .conftest import requires_root
 
-UNIT = Path(__file__).resolve().parent.parent / "packaging" / "systemd" / "multitun@.service"
+UNITS = Path(__file__).resolve().parent.parent / "packaging" / "systemd"
+UNIT = UNITS / "multitun@.service"
+FLEET_UNIT = UNITS / "multitun-fleet@.service"
 
 
 @pytest.mark.skipif(shutil.which("systemd-analyze") is None,
                     reason="systemd-analyze is not installed (no systemd on this machine)")
-def test_unit_verifies(tmp_path):
-    unit = tmp_path / "multitun@test.service"
-    unit.write_text(UNIT.read_text().replace("/usr/local/bin/multitun", shutil.which("true")))
+@pytest.mark.parametrize("source", [UNIT, FLEET_UNIT], ids=["one client", "fleet"])
+def test_unit_verifies(tmp_path, source):
+    unit = tmp_path / source.name.replace("@.", "@test.")
+    unit.write_text(source.read_text().replace("/usr/local/bin/multitun", shutil.which("true")))
     # --man=no: the man page is checked where it is installed (test_packaging.py).
     proc = subprocess.run(["systemd-analyze", "verify", "--man=no", str(unit)], capture_output=True,
                           text=True)
@@ -33,6 +36,15 @@ def test_unit_runs_the_config_file_of_the_instance():
             "--key-file %d/key") in text
     assert "LoadCredential=key:/etc/multitun/%i.key" in text
     assert "Type=notify" in text and "CapabilityBoundingSet=CAP_NET_ADMIN" in text
+
+
+def test_fleet_unit_reloads_its_peers():
+    # Key files are read again at each reload, so they are files, not
+    # credentials (read once at start): no --key-file and no dynamic user.
+    text = FLEET_UNIT.read_text()
+    assert "ExecStart=/usr/local/bin/multitun --config /etc/multitun/%i.toml\n" in text
+    assert "ExecReload=/bin/kill -HUP $MAINPID" in text
+    assert "DynamicUser" not in text and "CapabilityBoundingSet=CAP_NET_ADMIN" in text
 
 
 @requires_root

@@ -10,6 +10,8 @@ cdef enum:
     VERSION_SEALED = 2
     HEADER_LEN = 16
     MAX_PATHS = 16
+    # Peers one server carries ([[peer]] tables in its config).
+    MAX_PEERS = 1024
     T_DATA = 1
     T_PROBE = 2
     T_PROBE_REPLY = 3
@@ -30,12 +32,13 @@ cdef enum:
     TAG_LEN = 16
     NONCE_LEN = 12
     # Handshake messages (multitun/noise.py, keying.py, docs/PROTOCOL.md):
-    # header + ephemeral key + sealed ticket, cipher offer and 8 reserved
-    # bytes; header + ephemeral key + sealed cipher choice and new ticket;
-    # header + nonce + sealed ticket. Each answer is shorter than the first
-    # message it answers: no amplification.
+    # header + the key's fingerprint + ephemeral key + sealed ticket and
+    # cipher offer; header + ephemeral key + sealed cipher choice and new
+    # ticket; header + nonce + sealed ticket. Each answer is shorter than the
+    # first message it answers: no amplification.
     TICKET_LEN = 24
-    HANDSHAKE_INIT_LEN = HEADER_LEN + 32 + TICKET_LEN + 1 + 8 + TAG_LEN
+    FINGERPRINT_LEN = 8
+    HANDSHAKE_INIT_LEN = HEADER_LEN + FINGERPRINT_LEN + 32 + TICKET_LEN + 1 + TAG_LEN
     HANDSHAKE_RESPONSE_LEN = HEADER_LEN + 32 + 1 + TICKET_LEN + TAG_LEN
     HANDSHAKE_COOKIE_LEN = HEADER_LEN + NONCE_LEN + TICKET_LEN + TAG_LEN
     # The largest UDP payload (RFC 768's 16-bit length less its 8-byte header,

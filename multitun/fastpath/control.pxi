@@ -12,6 +12,8 @@ cdef struct ReturnAddress:
 
 
 cdef struct ControlPacket:
+    # -1: a fleet server's handshake, whose peer the keying finds.
+    int peer
     int path
     uint64_t rx_ns
     size_t length
@@ -29,8 +31,8 @@ cdef class ControlQueue:
     cdef ReturnAddress replies[REPLY_SLOTS]
     cdef uint64_t tokens
 
-    cdef void push(self, int path, const uint8_t *pkt, size_t n, uint64_t now, int fd,
-                   msghdr *m) noexcept nogil:
+    cdef void push(self, int peer, int path, const uint8_t *pkt, size_t n, uint64_t now,
+                   int fd, msghdr *m) noexcept nogil:
         cdef ControlPacket *c
         cdef ReturnAddress *ra
         if self.n == CTRL_SLOTS:
@@ -38,6 +40,7 @@ cdef class ControlQueue:
             return
         c = &self.queue[self.n]
         self.n += 1
+        c.peer = peer
         c.path = path
         c.rx_ns = now
         c.length = n
@@ -51,14 +54,14 @@ cdef class ControlQueue:
         ra.cmsglen = sticky_source(m, ra.cmsg)
 
     cdef list take(self):
-        """The queued packets, oldest first, as (path, rx_ns, datagram,
-        source, reply_to)."""
+        """The queued packets, oldest first, as (peer, path, rx_ns,
+        datagram, source, reply_to)."""
         cdef int i
         cdef ControlPacket *c
         out = []
         for i in range(self.n):
             c = &self.queue[i]
-            out.append((c.path, c.rx_ns, bytes(c.data[:c.length]),
+            out.append((c.peer, c.path, c.rx_ns, bytes(c.data[:c.length]),
                         sockaddr_to_tuple(&self.replies[c.reply_to % REPLY_SLOTS].addr),
                         c.reply_to))
         self.n = 0

@@ -41,6 +41,9 @@ cdef struct TunnelCounters:
     uint64_t wrong_session
     uint64_t unknown_source
     uint64_t tun_write_errors
+    # A fleet server: packets from the TUN whose destination is in no
+    # peer's allowed IPs, dropped.
+    uint64_t no_route
     uint64_t control_dropped
     # Handshake messages over their source's rate (limiter.pxd), dropped.
     uint64_t handshakes_shed

@@ -1,17 +1,19 @@
 # The engine: one tunnel end's packet loop, the pipeline through the parts.
 #
-#   TUN --Tun.read--> plain packets --KeyRing.frame (header, seal)-->
-#       every path that has an endpoint: Paths.send_on at once, or a
-#       paced path's queue (Shaper), sent as its pacer allows
+#   TUN --Tun.read--> plain packets --Peers: the peer of each (a fleet
+#       server: by destination)--> KeyRing.frame (header, seal) with that
+#       peer's keys --> every path where it has an endpoint: Paths.send_on
+#       at once, or a paced path's queue (Shaper), sent as its pacer allows
 #   path socket --Paths.receive--> Receiver (receive.pxi) --> Tun.write,
 #       or ControlQueue
 
 cdef enum:
     # epoll tags of the fds that are not path sockets (those are tagged with
-    # their index).
+    # their index): the TUN, the wake-up fds, and each peer's pacing timer
+    # (TAG_TIMER + the peer's index).
     TAG_TUN = 1000
     TAG_WAKE = 1001
-    TAG_TIMER = 1002
+    TAG_TIMER = 1 << 20
 
 
 @cython.final
@@ -25,18 +27,22 @@ cdef class Engine:
     protocol version 2 only and send nothing until the control plane
     installs keys. ``vnet_hdr``: the TUN carries virtio-net headers.
     ``stale_margin_us``: a paced path's queued copy is stale once it would
-    arrive this much later than by the fastest other path.
+    arrive this much later than by the fastest other path. ``fleet``: a
+    keyed server with a peer per client (add_peer(), set_routes()); else
+    there is one peer, number 0, and every packet is its.
     """
 
     cdef int epfd
     cdef Tun tun
     cdef Paths pathset
-    cdef KeyRing keyring
+    cdef Peers peers
     cdef ControlQueue control
     cdef Receiver rx
-    cdef Shaper shaper
     cdef TunnelCounters ctr
     cdef Batch batch
+    # One peer's share of a batch, on a fleet server (its iovecs point into
+    # batch's slots).
+    cdef Batch share
     # After activity, poll this long before sleeping in epoll_wait (0: never).
     cdef uint64_t busy_poll_ns
     # What failed when _run() returned an error: TAG_TUN, TAG_WAKE (epoll
@@ -45,20 +51,21 @@ cdef class Engine:
 
     def __cinit__(self, int tun_fd, socks, bint server, uint32_t session,
                   wake_fds=(), bint gso=False, int busy_poll_us=0, bint keyed=False,
-                  bint vnet_hdr=False, uint64_t stale_margin_us=60000):
+                  bint vnet_hdr=False, uint64_t stale_margin_us=60000, bint fleet=False):
         if session == 0:
             raise ValueError("session must be non-zero")
+        if fleet and not (server and keyed):
+            raise ValueError("a fleet is a server's, and keyed")
         self.epfd = -1
         self.pathset = Paths(socks, server, gso)
         self.tun = Tun(tun_fd, vnet_hdr)
-        self.keyring = KeyRing(session, keyed)
         self.control = ControlQueue()
-        self.rx = Receiver(self.tun, self.pathset, self.keyring, self.control,
+        self.tun.ctr = self.pathset.ctr = self.control.ctr = &self.ctr
+        self.peers = Peers(self.pathset, fleet, session, keyed,
+                           int.from_bytes(os.urandom(8), "little"), stale_margin_us * 1000)
+        self.rx = Receiver(self.tun, self.pathset, self.peers, self.control,
                            int.from_bytes(os.urandom(8), "little"))
-        self.tun.ctr = self.pathset.ctr = self.keyring.ctr = self.control.ctr = &self.ctr
         self.rx.ctr = &self.ctr
-        self.shaper = Shaper(self.pathset, int.from_bytes(os.urandom(8), "little"),
-                             stale_margin_us * 1000)
         self.batch.slots = <uint8_t *>malloc(BATCH * SLOT)
         if self.batch.slots == NULL:
             raise MemoryError()
@@ -69,7 +76,6 @@ cdef class Engine:
         self._watch(tun_fd, TAG_TUN)
         for fd in wake_fds:
             self._watch(fd, TAG_WAKE)
-        self._watch(self.shaper.timerfd, TAG_TIMER)
         for i in range(self.pathset.nsocks):
             if self.pathset.socks[i] >= 0:
                 self._watch(self.pathset.socks[i], i)
@@ -132,8 +138,8 @@ cdef class Engine:
             # duplicate of the packet that caused it is waiting on a path, the
             # reply should not wait for the duplicate to be read and dropped.
             for i in range(n):
-                if events[i].data.u32 == TAG_TIMER:
-                    self.shaper.on_timer()
+                if events[i].data.u32 >= TAG_TIMER:
+                    (<Peer>self.peers.at[events[i].data.u32 - TAG_TIMER]).shaper.on_timer()
                 elif events[i].data.u32 == TAG_TUN:
                     rc = self._tun_to_paths()
                     if rc < 0:
@@ -159,65 +165,100 @@ cdef class Engine:
 
     cdef int _tun_to_paths(self) noexcept nogil:
         cdef Batch *b = &self.batch
-        cdef int i, kept, err
-        cdef size_t n
-        cdef uint8_t *p
-        cdef bint shaping
+        cdef int err
         while True:
             b.n = 0
             err = self.tun.read(b)
-            shaping = self.shaper.paced != 0
-            # Framed in place; a packet that cannot leave (no key yet) is
-            # left out of the iovecs. A paced path queues by flow, which
-            # only the packet in clear tells.
-            kept = 0
-            for i in range(b.n):
-                p = <uint8_t *>b.iov[i].iov_base
-                if shaping:
-                    b.flow[kept] = fq_flow_of(p, b.iov[i].iov_len, self.shaper.key)
-                p -= HEADER_LEN
-                n = self.keyring.frame(p, b.iov[i].iov_len, T_DATA, 0, 0)
-                if n == 0:
-                    self.ctr.no_key += 1
-                    continue
-                b.iov[kept].iov_base = p
-                b.iov[kept].iov_len = n
-                kept += 1
-            b.n = kept
-            if kept:
+            if b.n:
                 self.ctr.tun_batches += 1
-                self._send(b)
+                if self.peers.fleet:
+                    self._route(b)
+                else:
+                    self._frame_and_send(<Peer>self.peers.at[0], b)
             if err or not self.tun.splitting():
                 return err
 
-    cdef void _send(self, Batch *b) noexcept nogil:
-        """The batch on every path that has an endpoint: at once, or into
-        its queue if it is paced."""
+    cdef void _route(self, Batch *b) noexcept nogil:
+        """A fleet server: each packet to the peer whose allowed IPs hold
+        its destination, each peer's share in its order, as one batch."""
+        cdef int32_t dest[BATCH]
+        cdef Batch *share = &self.share
+        cdef int i, j, peer
+        for i in range(b.n):
+            dest[i] = self.peers.by_destination(<uint8_t *>b.iov[i].iov_base, b.iov[i].iov_len)
+            if dest[i] < 0:
+                self.ctr.no_route += 1
+        for i in range(b.n):
+            peer = dest[i]
+            if peer < 0:
+                continue
+            # A batch holds few peers' packets: gathering each share costs
+            # the batch's length per peer in it, whatever the fleet's size.
+            share.n = 0
+            for j in range(i, b.n):
+                if dest[j] == peer:
+                    share.iov[share.n] = b.iov[j]
+                    share.n += 1
+                    dest[j] = -1
+            self._frame_and_send(<Peer>self.peers.at[peer], share)
+
+    cdef void _frame_and_send(self, Peer peer, Batch *b) noexcept nogil:
+        """Frame b's packets in place for ``peer`` and send them. A packet
+        that cannot leave (no key yet) is left out of the iovecs. A paced
+        path queues by flow, which only the packet in clear tells."""
+        cdef int i, kept = 0
+        cdef size_t n
+        cdef uint8_t *p
+        cdef bint shaping = peer.shaper.paced != 0
+        for i in range(b.n):
+            p = <uint8_t *>b.iov[i].iov_base
+            peer.c.routed_packets += 1
+            peer.c.routed_bytes += b.iov[i].iov_len
+            if shaping:
+                b.flow[kept] = fq_flow_of(p, b.iov[i].iov_len, peer.shaper.key)
+            p -= HEADER_LEN
+            n = peer.keyring.frame(p, b.iov[i].iov_len, T_DATA, 0, 0)
+            if n == 0:
+                self.ctr.no_key += 1
+                continue
+            b.iov[kept].iov_base = p
+            b.iov[kept].iov_len = n
+            kept += 1
+        b.n = kept
+        if kept:
+            self._send(peer, b)
+
+    cdef void _send(self, Peer peer, Batch *b) noexcept nogil:
+        """The batch on every path where ``peer`` has an endpoint: at once,
+        or into its queue if it is paced."""
         cdef int path
         cdef bint queued = False
         cdef uint64_t now = 0
         for path in range(MAX_PATHS):
-            if self.pathset.eps[path].fd < 0:
+            if peer.eps[path].fd < 0:
                 continue
-            if self.shaper.holds(path):
+            if peer.shaper.holds(path):
                 if not queued:
                     now = now_ns()
                     queued = True
-                self.shaper.enqueue(path, b, now)
+                peer.shaper.enqueue(path, b, now)
             else:
-                self.pathset.send_on(path, b)
+                peer.send(path, b)
         if queued:
-            self.shaper.service(now)
+            peer.shaper.service(now)
 
     # ------------------------------------------------------------ Python API
+    #
+    # ``peer``: which peer a call is about; 0, the only one, unless this is
+    # a fleet server.
 
     @property
     def session(self):
-        return self.keyring.session
+        return self.peers.session
 
     @property
     def peer_session(self):
-        return self.keyring.peer_session
+        return self.peers.get(0).keyring.peer_session
 
     def run(self, int timeout_ms):
         """Move packets for up to ``timeout_ms``. Returns a mask of WAKE_* flags
@@ -235,16 +276,18 @@ cdef class Engine:
         return rc
 
     def take_control(self):
-        """The queued control packets, oldest first, as (path, rx_ns, datagram,
-        source, reply_to): probe replies (opened, in sealed mode) and
-        handshakes. ``source`` is the sender's (host, port); ``reply_to`` is
-        a token for send_back()."""
+        """The queued control packets, oldest first, as (peer, path, rx_ns,
+        datagram, source, reply_to): probe replies (opened, in sealed mode)
+        and handshakes. ``peer`` is -1 for a first message to a fleet server
+        (the keying finds its peer). ``source`` is the sender's (host, port);
+        ``reply_to`` is a token for send_back()."""
         return self.control.take()
 
-    def send_control(self, int path, const uint8_t[:] datagram):
+    def send_control(self, int path, const uint8_t[:] datagram, int peer=0):
         """Send one datagram as it is on a path; 0 or the errno it failed with."""
-        self.pathset.active(path)
-        return self.pathset.send_one(path, &datagram[0], datagram.shape[0])
+        cdef Peer p = self.peers.get(peer)
+        p.active(path)
+        return p.send_one(path, &datagram[0], datagram.shape[0])
 
     def send_back(self, uint64_t reply_to, const uint8_t[:] datagram):
         """Send a datagram to where a control packet came from (take_control's
@@ -253,7 +296,7 @@ cdef class Engine:
         return send_datagram(ra.fd, &ra.addr, ra.addrlen, ra.cmsg, ra.cmsglen,
                              &datagram[0], datagram.shape[0])
 
-    def send_probe(self, int path, uint64_t number, uint64_t timestamp_ns):
+    def send_probe(self, int path, uint64_t number, uint64_t timestamp_ns, int peer=0):
         """Probe a path: the payload is the timestamp, the probe's number and
         room for the peer's feedback (its clock and the bytes it received
         on the path, filled in by the reply). 0, the errno the send failed
@@ -261,39 +304,71 @@ cdef class Engine:
         cdef uint8_t buf[HEADER_LEN + PROBE_FEEDBACK_PAYLOAD + TAG_LEN]
         cdef uint64_t t = htobe64(timestamp_ns), q = htobe64(number)
         cdef size_t n
-        self.pathset.active(path)
+        cdef Peer p = self.peers.get(peer)
+        p.active(path)
         memset(buf + HEADER_LEN, 0, PROBE_FEEDBACK_PAYLOAD)
         memcpy(buf + HEADER_LEN, &t, 8)
         memcpy(buf + HEADER_LEN + 8, &q, 8)
-        n = self.keyring.frame(buf, PROBE_FEEDBACK_PAYLOAD, T_PROBE, <uint8_t>path, number)
+        n = p.keyring.frame(buf, PROBE_FEEDBACK_PAYLOAD, T_PROBE, <uint8_t>path, number)
         if n == 0:
             return ENOKEY
-        return self.pathset.send_one(path, buf, n)
+        return p.send_one(path, buf, n)
 
     def install_keys(self, uint32_t key_id, const uint8_t[:] send_key,
                      const uint8_t[:] receive_key, bint confirmed,
-                     int cipher=CIPHER_AES_256_GCM):
+                     int cipher=CIPHER_AES_256_GCM, int peer=0):
         """Install the keys of a handshake, for ``cipher`` (CIPHERS).
         ``confirmed`` (the initiator, who has seen the response): they become
         current at once and the current ones previous. Not confirmed (the
         responder): they wait in the next slot until the first authentic
-        packet under them arrives."""
-        self.keyring.install(key_id, send_key, receive_key, confirmed, cipher)
+        packet under them arrives. On a fleet server, a key id another peer
+        has is a ValueError (the client draws another)."""
+        cdef Peer p = self.peers.get(peer)
+        cdef int owner = self.peers.by_key(key_id)
+        if (self.peers.fleet and owner >= 0 and owner != peer
+                and self.peers.get(owner).keyring.find(key_id) != NULL):
+            raise ValueError(f"key id {key_id:#x} is another peer's")
+        p.keyring.install(key_id, send_key, receive_key, confirmed, cipher)
+        self.peers.index_keys()
 
-    def drop_keys(self, uint32_t key_id):
+    def drop_keys(self, uint32_t key_id, int peer=0):
         """Forget the keys with this id (expired); True if there were any."""
-        return self.keyring.drop(key_id)
+        dropped = self.peers.get(peer).keyring.drop(key_id)
+        self.peers.index_keys()
+        return dropped
 
-    def keys(self):
+    def keys(self, int peer=0):
         """The installed keys: slot name, id, age and use."""
-        return self.keyring.as_list()
+        return self.peers.get(peer).keyring.as_list()
+
+    def add_peer(self, int peer):
+        """A fleet server: a new peer, with no keys, endpoints or routes yet."""
+        if not self.peers.fleet:
+            raise ValueError("only a fleet server adds peers")
+        self.peers.add(peer)
+
+    def remove_peer(self, int peer):
+        """A fleet server: peer ``peer`` is gone, with its keys, endpoints and
+        queues (set_routes() without its prefixes first)."""
+        if not self.peers.fleet:
+            raise ValueError("only a fleet server removes peers")
+        self.peers.remove(peer)
+
+    def set_routes(self, routes):
+        """A fleet server's allowed IPs, all at once: (peer, packed address,
+        prefix length) each. Packets to an address no peer holds are dropped
+        (no_route); a peer's packets from an address not its own are dropped
+        (source_refused)."""
+        if not self.peers.fleet:
+            raise ValueError("only a fleet server routes")
+        self.peers.set_routes(routes)
 
     def set_remote(self, int path, const uint8_t[:] address, int port, bint connected):
         """Client: path ``path`` sends to ``address`` (4 or 16 packed bytes)
         ``port``. When its socket is connect()ed the kernel fills in the
         destination and filters the source; when not (no route yet at start),
         the engine does both."""
-        self.pathset.set_remote(path, address, port, connected)
+        self.peers.get(0).set_remote(path, address, port, connected)
 
     def attach(self, int path, int fd):
         """Client: path ``path`` sends and receives on socket ``fd`` from now
@@ -306,49 +381,62 @@ cdef class Engine:
         self.pathset.attach(path, -1)
         self._watch(fd, path)
         self.pathset.attach(path, fd)
+        self.peers.get(0).reset(path)
 
     def detach(self, int path, bint forget=False):
         """Client: path ``path`` has no socket now (its link is down or its
         interface gone): nothing is sent on it until attach(). ``forget``:
         the path is gone for good, and what it counted with it (a path that
         takes its number later starts from zero)."""
+        cdef Peer p
         if self.pathset.server or not 0 <= path < MAX_PATHS:
             raise ValueError(f"no client path {path}")
+        p = self.peers.get(0)
         self._unwatch(path)
         self.pathset.attach(path, -1)
+        p.reset(path)
         if forget:
-            memset(&self.pathset.eps[path].c, 0, sizeof(PathCounters))
-            self.shaper.forget(path)
+            memset(&p.eps[path].c, 0, sizeof(PathCounters))
+            p.shaper.forget(path)
 
-    def shape(self, int path, uint64_t rate, uint64_t delay_ns):
+    def shape(self, int path, uint64_t rate, uint64_t delay_ns, int peer=0):
         """Pace path ``path`` at ``rate`` bytes/s (0: send at once, as an
         unpaced path does) and take ``delay_ns`` as its one-way delay (0:
         unknown, or down), which says when its queued copies are stale."""
-        self.shaper.shape(path, rate, delay_ns)
+        cdef Peer p = self.peers.get(peer)
+        if rate and p.shaper.timerfd < 0:
+            self._watch(p.shaper.open_timer(), TAG_TIMER + peer)
+        p.shaper.shape(path, rate, delay_ns)
 
-    def held(self, int path):
+    def held(self, int path, int peer=0):
         """Whether path ``path``'s pacer held packets back since the last
         call: the pacer, not the path, limited what it sent."""
-        return self.shaper.held(path)
+        return self.peers.get(peer).shaper.held(path)
 
-    def forget(self, int path):
+    def forget(self, int path, int peer=0):
         """Stop sending to a server-side endpoint (it was silent too long)."""
-        self.pathset.forget(path)
-        if 0 <= path < MAX_PATHS:
-            self.shaper.forget(path)
+        self.peers.get(peer).forget(path)
 
     def stats(self):
-        """The tunnel's counters, and its session and key state."""
+        """The tunnel's counters, and peer 0's session and key state."""
         cdef dict d = self.ctr
-        return dict(d, session=self.keyring.session, peer_session=self.keyring.peer_session,
-                    tx_seq=self.keyring.tx_seq, keyed=self.keyring.keyed,
-                    key_id=self.keyring.slot[K_CURRENT].id,
+        cdef Peer p = self.peers.get(0) if self.peers.at[0] != NULL else None
+        return dict(d, session=self.peers.session,
+                    peer_session=p.keyring.peer_session if p else 0,
+                    tx_seq=p.keyring.tx_seq if p else 0, keyed=self.peers.keyed,
+                    key_id=p.keyring.slot[K_CURRENT].id if p else 0,
                     rejected_from=sockaddr_to_tuple(&self.rx.rejected_addr))
 
-    def paths(self):
+    def peer_stats(self, int peer=0):
+        """One peer's counters and current key id."""
+        cdef Peer p = self.peers.get(peer)
+        cdef dict d = p.c
+        return dict(d, key_id=p.keyring.slot[K_CURRENT].id, key_changes=p.keyring.changes)
+
+    def peer_indices(self):
+        return self.peers.indices()
+
+    def paths(self, int peer=0):
         """Per-path endpoint, counters, pacing and queue, for every path
         ever used."""
-        cdef list out = self.pathset.as_list()
-        for d in out:
-            d.update(self.shaper.path_info(d["path"]))
-        return out
+        return self.peers.get(peer).as_list()

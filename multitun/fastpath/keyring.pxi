@@ -21,6 +21,8 @@ cdef class KeyRing:
     cdef uint64_t tx_seq
     cdef uint32_t peer_session
     cdef uint32_t prev_session
+    # Keys that became current (ctr.key_changes counts every peer's).
+    cdef uint64_t changes
     cdef Window win
     cdef Keypair slot[KEY_SLOTS]
 
@@ -79,6 +81,7 @@ cdef class KeyRing:
         if into != K_CURRENT:
             self.slot[K_CURRENT] = self.slot[into]
             memset(&self.slot[into], 0, sizeof(Keypair))
+        self.changes += 1
         self.ctr.key_changes += 1
 
     cdef bint adopt_session(self, uint32_t session) noexcept nogil:

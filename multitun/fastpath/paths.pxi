@@ -1,11 +1,11 @@
-# Path I/O: the path sockets, the peer's endpoint on each path, and the
-# batched syscalls. A client has one connect()ed socket per path (path i is
-# socket i); a server has one listening socket and learns each path's
-# endpoint from the peer's probes. Sending: one sendmmsg() per path per
-# batch, with UDP GSO trains of equal-size datagrams (udp(7) UDP_SEGMENT)
-# where the path takes them. Receiving: recvmmsg(), UDP GRO trains split by
-# the engine. A path's error is counted against that path and never stops
-# the others.
+# Path I/O: the path sockets and the batched syscalls, shared by every peer
+# (each peer keeps its endpoint on each path: peer.pxi). A client has one
+# connect()ed socket per path (path i is socket i); a server has one
+# listening socket and learns each peer's endpoints from its probes.
+# Sending: one sendmmsg() per path per batch, with UDP GSO trains of
+# equal-size datagrams (udp(7) UDP_SEGMENT) where the path takes them.
+# Receiving: recvmmsg(), UDP GRO trains split by the engine. A path's error
+# is counted against that path and never stops the others.
 
 cdef struct Endpoint:
     # fd < 0: no endpoint known for this path (server before learning).
@@ -84,7 +84,6 @@ cdef class Paths:
     cdef int socks[MAX_PATHS]
     # Whether a path starts out sending UDP GSO trains.
     cdef bint gso
-    cdef Endpoint eps[MAX_PATHS]
     cdef TunnelCounters *ctr
     # An endpoint was learned or a path refused a UDP GSO train since the
     # engine last looked.
@@ -110,13 +109,7 @@ cdef class Paths:
         if self.rxbuf == NULL:
             raise MemoryError()
         for i in range(MAX_PATHS):
-            memset(&self.eps[i], 0, sizeof(Endpoint))
             self.socks[i] = socks[i] if i < self.nsocks else -1
-            self._reset(i)
-            if server:
-                # No endpoint until learned, and then sent to by address.
-                self.eps[i].fd = -1
-                self.eps[i].connected = False
         for i in range(BATCH):
             self.rxiov[i].iov_base = self.rxbuf + i * SLOT
             self.rxiov[i].iov_len = SLOT
@@ -128,28 +121,16 @@ cdef class Paths:
     def __dealloc__(self):
         free(self.rxbuf)
 
-    cdef void _reset(self, int path) noexcept nogil:
-        """Path ``path`` sends on its socket now (or nothing, if it has none),
-        as a new path would; what it counted stays."""
-        cdef Endpoint *ep = &self.eps[path]
-        ep.fd = self.socks[path]
-        ep.connected = True  # until set_remote() says otherwise
-        ep.gso = self.gso
-        ep.gso_max_seg = SLOT
-        ep.cmsglen = 0
-
     cdef void attach(self, int path, int fd) noexcept:
         """Client: ``fd`` is path ``path``'s socket from now on (-1: none);
         the engine watches it."""
         self.socks[path] = fd
         if path >= self.nsocks:
             self.nsocks = path + 1
-        self._reset(path)
 
     # ------------------------------------------------------------- sending
 
-    cdef void send_on(self, int path, Batch *b) noexcept nogil:
-        cdef Endpoint *ep = &self.eps[path]
+    cdef void send_on(self, Endpoint *ep, int path, Batch *b) noexcept nogil:
         cdef int i, g, r, e, ngroups, sent = 0, first
         cdef size_t iovlen
         for i in range(b.n):
@@ -244,10 +225,9 @@ cdef class Paths:
             i = j
         return g
 
-    cdef int send_one(self, int path, const uint8_t *data, size_t n) noexcept nogil:
-        """One datagram on one path (probes, their replies, handshakes);
+    cdef int send_one(self, Endpoint *ep, const uint8_t *data, size_t n) noexcept nogil:
+        """One datagram to one endpoint (probes, their replies, handshakes);
         0 or the errno it failed with."""
-        cdef Endpoint *ep = &self.eps[path]
         cdef int e = send_datagram(ep.fd, NULL if ep.connected else &ep.addr,
                                    0 if ep.connected else ep.addrlen,
                                    ep.cmsg, ep.cmsglen, data, n)
@@ -261,9 +241,11 @@ cdef class Paths:
 
     # ----------------------------------------------------------- receiving
 
-    cdef int receive(self, int sock) noexcept nogil:
+    cdef int receive(self, int sock, Endpoint *ep) noexcept nogil:
         """Take what the socket has queued now into rxmsg[]: how many
-        datagrams (or trains), or -errno if the socket itself is broken."""
+        datagrams (or trains), or -errno if the socket itself is broken.
+        ``ep``: the client's endpoint on the socket's path, which an error
+        the socket reports is counted against (NULL on a server)."""
         cdef int r, i, e
         for i in range(BATCH):
             self.rxmsg[i].msg_hdr.msg_namelen = sizeof(sockaddr_storage)
@@ -282,101 +264,7 @@ cdef class Paths:
                 return -e
             # udp(7): an ICMP error queued on a connected socket is reported
             # once, by the next call (ECONNREFUSED...). The path stays.
-            if not self.server:
-                self.eps[sock].c.recv_errors += 1
-                self.eps[sock].last_errno = e
+            if ep != NULL:
+                ep.c.recv_errors += 1
+                ep.last_errno = e
             return 0
-
-    cdef inline int endpoint_for(self, int sock, int path, const msghdr *m) noexcept nogil:
-        """The path a datagram belongs to, or -1 if its source is not that
-        path's endpoint."""
-        if not self.server:
-            # The socket is the path. A connected socket's source was filtered
-            # by the kernel; an unconnected one's is checked here.
-            if path != sock or not (self.eps[sock].connected or
-                                    same_addr(&self.eps[sock].addr, m.msg_name)):
-                return -1
-            return sock
-        if self.eps[path].fd < 0 or not same_addr(&self.eps[path].addr, m.msg_name):
-            return -1
-        return path
-
-    cdef void learn(self, int sock, int path, msghdr *m) noexcept nogil:
-        """Server: an authentic (sealed) or well-formed (clear) probe names,
-        or moves, the endpoint of its path."""
-        cdef Endpoint *ep = &self.eps[path]
-        ep.cmsglen = sticky_source(m, ep.cmsg)
-        if ep.fd >= 0 and same_addr(&ep.addr, m.msg_name):
-            return
-        memcpy(&ep.addr, m.msg_name, m.msg_namelen)
-        ep.addrlen = m.msg_namelen
-        ep.fd = self.socks[sock]
-        ep.learned += 1
-        self.ctr.endpoint_changes += 1
-        self.changed = True
-
-    cdef inline void arrived(self, int path, size_t n) noexcept nogil:
-        self.eps[path].arrived_bytes += n
-
-    cdef inline void count_rx(self, int path, size_t n, uint64_t now) noexcept nogil:
-        cdef Endpoint *ep = &self.eps[path]
-        ep.c.rx_packets += 1
-        ep.c.rx_bytes += n
-        ep.last_rx_ns = now
-
-    # ------------------------------------------------ for the control plane
-
-    cdef set_remote(self, int path, const uint8_t[:] address, int port, bint connected):
-        cdef Endpoint *ep
-        cdef sockaddr_in *a4
-        cdef sockaddr_in6 *a6
-        if self.server or not 0 <= path < self.nsocks:
-            raise ValueError(f"no client path {path}")
-        ep = &self.eps[path]
-        memset(&ep.addr, 0, sizeof(sockaddr_storage))
-        if address.shape[0] == 4:
-            a4 = <sockaddr_in *>&ep.addr
-            a4.sin_family = AF_INET
-            a4.sin_port = be16(<uint16_t>port)
-            memcpy(&a4.sin_addr, &address[0], 4)
-            ep.addrlen = sizeof(sockaddr_in)
-        elif address.shape[0] == 16:
-            a6 = <sockaddr_in6 *>&ep.addr
-            a6.sin6_family = AF_INET6
-            a6.sin6_port = be16(<uint16_t>port)
-            memcpy(&a6.sin6_addr, &address[0], 16)
-            ep.addrlen = sizeof(sockaddr_in6)
-        else:
-            raise ValueError("address must be 4 or 16 bytes")
-        ep.connected = connected
-
-    cdef forget(self, int path):
-        if self.server and 0 <= path < MAX_PATHS:
-            self.eps[path].fd = -1
-            self.eps[path].addrlen = 0
-            self.eps[path].cmsglen = 0
-
-    cdef Endpoint *active(self, int path) except NULL:
-        if not 0 <= path < MAX_PATHS or self.eps[path].fd < 0:
-            raise ValueError(f"no endpoint on path {path}")
-        return &self.eps[path]
-
-    cdef list as_list(self):
-        """Per-path endpoint and counters: every path a client was given (with
-        or without a socket now), every path a server learned."""
-        cdef int i
-        cdef Endpoint *ep
-        cdef dict d
-        out = []
-        for i in range(MAX_PATHS):
-            ep = &self.eps[i]
-            if (i >= self.nsocks) if not self.server else (ep.fd < 0 and ep.learned == 0):
-                continue
-            d = ep.c
-            d.update(path=i, active=ep.fd >= 0, udp_gso=ep.gso, last_errno=ep.last_errno,
-                     udp_gso_max=ep.gso_max_seg if ep.gso and ep.gso_max_seg < SLOT else None,
-                     last_rx_ns=ep.last_rx_ns,
-                     remote=sockaddr_to_tuple(&ep.addr) if ep.addrlen else None)
-            out.append(d)
-        return out
-

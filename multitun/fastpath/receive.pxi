@@ -1,14 +1,15 @@
 # The receive direction: from a path socket's datagrams to the TUN. Each
-# datagram's header is checked, then its source (the path's endpoint), its
-# session or key, the window, and sealed, its tag; the first copy of a packet
-# is written to the TUN, later copies are dropped. Probes are answered here;
-# probe replies and handshakes go up to Python through the control queue.
+# datagram's header is checked, then its peer (sealed: by its key id), its
+# source (that peer's endpoint on the path), its session or key, the window,
+# and sealed, its tag; the first copy of a packet is written to the TUN,
+# later copies are dropped. Probes are answered here; probe replies and
+# handshakes go up to Python through the control queue.
 
 @cython.final
 cdef class Receiver:
     cdef Tun tun
     cdef Paths paths
-    cdef KeyRing keyring
+    cdef Peers peers
     cdef ControlQueue control
     cdef TunnelCounters *ctr
     # Who sent the last packet that failed authentication or was of the
@@ -18,11 +19,11 @@ cdef class Receiver:
     cdef bint event
     cdef SourceLimiter handshakes
 
-    def __cinit__(self, Tun tun, Paths paths, KeyRing keyring, ControlQueue control,
+    def __cinit__(self, Tun tun, Paths paths, Peers peers, ControlQueue control,
                   uint64_t limiter_key):
         self.tun = tun
         self.paths = paths
-        self.keyring = keyring
+        self.peers = peers
         self.control = control
         self.handshakes.key = limiter_key
 
@@ -34,7 +35,9 @@ cdef class Receiver:
         cdef uint8_t *p
         cdef msghdr *m
         cdef uint64_t now
-        r = self.paths.receive(sock)
+        # A client's socket is its path: an error it reports is that path's.
+        r = self.paths.receive(sock, NULL if self.paths.server else
+                               &(<Peer>self.peers.at[0]).eps[sock])
         if r <= 0:
             return r
         now = now_ns()
@@ -67,9 +70,9 @@ cdef class Receiver:
                        uint64_t now) noexcept nogil:
         """One datagram: check it, then deliver, drop or hand it up."""
         cdef Header h
-        cdef int verdict = parse_header(p, n, &h, self.keyring.keyed)
+        cdef int verdict = parse_header(p, n, &h, self.peers.keyed)
         if verdict == H_OK:
-            if self.keyring.keyed:
+            if self.peers.keyed:
                 self._receive_sealed(sock, &h, p, n, m, now)
             else:
                 self._receive_plain(sock, &h, p, n, m, now)
@@ -82,48 +85,69 @@ cdef class Receiver:
 
     cdef void _receive_plain(self, int sock, Header *h, uint8_t *p, size_t n,
                              msghdr *m, uint64_t now) noexcept nogil:
+        # In clear there is one peer: a fleet needs keys (config.py).
+        self._plain_from(<Peer>self.peers.at[0], sock, h, p, n, m, now)
+
+    cdef void _plain_from(self, Peer peer, int sock, Header *h, uint8_t *p, size_t n,
+                          msghdr *m, uint64_t now) noexcept nogil:
         cdef int path
         if h.ptype != T_DATA and self.paths.server:
-            self.paths.learn(sock, h.path, m)
-        path = self.paths.endpoint_for(sock, h.path, m)
+            peer.learn(sock, h.path, m)
+        path = peer.endpoint_for(sock, h.path, m)
         if path < 0:
             self.ctr.unknown_source += 1
             return
-        self.paths.count_rx(path, n, now)
-        self.paths.arrived(path, n)
+        peer.count_rx(path, n, now)
+        peer.arrived(path, n)
         if h.ptype != T_DATA:
-            if self.keyring.adopt_session(h.session):
+            if peer.keyring.adopt_session(h.session):
                 self.event = True
-            self._on_probe(path, h, p, n, m, now)
-        elif h.session != self.keyring.peer_session:
+            self._on_probe(peer, path, h, p, n, m, now)
+        elif h.session != peer.keyring.peer_session:
             self.ctr.wrong_session += 1
         else:
-            self._deliver(path, window_check(&self.keyring.win, h.seq), p, n)
+            self._deliver(peer, path, window_check(&peer.keyring.win, h.seq), p, n)
 
     cdef void _receive_sealed(self, int sock, Header *h, uint8_t *p, size_t n,
                               msghdr *m, uint64_t now) noexcept nogil:
+        cdef int peer
+        if h.ptype >= T_HANDSHAKE_INIT:  # INIT, RESPONSE, COOKIE: the keying's
+            if not limiter_allow(&self.handshakes, <sockaddr_storage *>m.msg_name, now):
+                self.ctr.handshakes_shed += 1
+                return
+            if not self.paths.server and (<Peer>self.peers.at[0]).endpoint_for(
+                    sock, h.path, m) < 0:
+                self.ctr.unknown_source += 1
+                return
+            # A first message's key id is new: on a fleet server, the keying
+            # finds its peer by the key it proves (multitun/keying.py).
+            peer = -1 if self.peers.fleet else 0
+            self.control.push(peer, h.path, p, n, now, self.paths.socks[sock], m)
+            return
+        peer = self.peers.by_key(h.session)
+        if peer < 0:
+            self.ctr.wrong_session += 1
+            return
+        self._sealed_from(<Peer>self.peers.at[peer], sock, h, p, n, m, now)
+
+    cdef void _sealed_from(self, Peer peer, int sock, Header *h, uint8_t *p, size_t n,
+                           msghdr *m, uint64_t now) noexcept nogil:
         cdef Keypair *kp
         cdef int path, verdict
         cdef bint probe_to_server = self.paths.server and h.ptype != T_DATA
         if probe_to_server:
-            # Probes and handshakes name their path; a server learns where it
-            # is only from one that proves authentic (below, or in Python).
+            # Probes name their path; a server learns where it is only from
+            # one that proves authentic (below).
             path = h.path
         else:
-            path = self.paths.endpoint_for(sock, h.path, m)
+            path = peer.endpoint_for(sock, h.path, m)
             if path < 0:
                 self.ctr.unknown_source += 1
                 return
             # From the path's endpoint: it counts for feedback even if it
             # turns out a copy that lost the race.
-            self.paths.arrived(path, n)
-        if h.ptype >= T_HANDSHAKE_INIT:  # INIT, RESPONSE, COOKIE: the keying's
-            if not limiter_allow(&self.handshakes, <sockaddr_storage *>m.msg_name, now):
-                self.ctr.handshakes_shed += 1
-                return
-            self.control.push(path, p, n, now, self.paths.socks[sock], m)
-            return
-        kp = self.keyring.find(h.session)
+            peer.arrived(path, n)
+        kp = peer.keyring.find(h.session)
         if kp == NULL:
             self.ctr.wrong_session += 1
             return
@@ -146,24 +170,31 @@ cdef class Receiver:
             self.ctr.malformed += 1  # authentic, but not what the protocol allows
             return
         window_mark(&kp.win, h.seq)
-        if self.keyring.confirm(kp, now):
+        if peer.keyring.confirm(kp, now):
             self.event = True
         if probe_to_server:
-            self.paths.learn(sock, path, m)
-            self.paths.arrived(path, n + TAG_LEN)
-        self.paths.count_rx(path, n + TAG_LEN, now)
+            peer.learn(sock, path, m)
+            peer.arrived(path, n + TAG_LEN)
+        peer.count_rx(path, n + TAG_LEN, now)
         if h.ptype != T_DATA:
-            self._on_probe(path, h, p, n, m, now)
+            self._on_probe(peer, path, h, p, n, m, now)
+        elif not self.peers.sends_from(peer.index, p + HEADER_LEN, n - HEADER_LEN):
+            # Authentic, but from an address that is not this peer's (a
+            # client posing as another, inside its own tunnel): dropped.
+            peer.c.source_refused += 1
         else:
-            self._deliver(path, W_NEW, p, n)
+            self._deliver(peer, path, W_NEW, p, n)
 
-    cdef inline void _deliver(self, int path, int verdict, uint8_t *p, size_t n) noexcept nogil:
+    cdef inline void _deliver(self, Peer peer, int path, int verdict, uint8_t *p,
+                              size_t n) noexcept nogil:
         """DATA p[:n] (in clear) that the window judged: hand it to the TUN
         if it is the first copy, else count it."""
-        cdef Endpoint *ep = &self.paths.eps[path]
+        cdef Endpoint *ep = &peer.eps[path]
         if verdict == W_NEW:
             self.ctr.delivered += 1
             self.ctr.delivered_bytes += n - HEADER_LEN
+            peer.c.delivered += 1
+            peer.c.delivered_bytes += n - HEADER_LEN
             ep.c.first_arrivals += 1
             self.tun.write(p + HEADER_LEN, n - HEADER_LEN)
         elif verdict == W_DUPLICATE:
@@ -172,8 +203,8 @@ cdef class Receiver:
         else:
             self.ctr.too_old += 1
 
-    cdef void _on_probe(self, int path, Header *h, uint8_t *p, size_t n, msghdr *m,
-                        uint64_t now) noexcept nogil:
+    cdef void _on_probe(self, Peer peer, int path, Header *h, uint8_t *p, size_t n,
+                        msghdr *m, uint64_t now) noexcept nogil:
         """A probe (in clear now) is answered here, not in Python, so that
         the round trip has no interpreter in it: the same payload back, with
         feedback where the probe made room for it, so the reply is exactly
@@ -192,13 +223,13 @@ cdef class Receiver:
                 # than the probe.
                 fb = htobe64(now)
                 memcpy(reply + HEADER_LEN + 16, &fb, 8)
-                fb = htobe64(self.paths.eps[path].arrived_bytes)
+                fb = htobe64(peer.eps[path].arrived_bytes)
                 memcpy(reply + HEADER_LEN + 24, &fb, 8)
-            r = self.keyring.frame(reply, n - HEADER_LEN, T_PROBE_REPLY, <uint8_t>path, h.seq)
+            r = peer.keyring.frame(reply, n - HEADER_LEN, T_PROBE_REPLY, <uint8_t>path, h.seq)
             if r:
-                self.paths.send_one(path, reply, r)
+                peer.send_one(path, reply, r)
         else:
-            self.control.push(path, p, n, now, self.paths.eps[path].fd, m)
+            self.control.push(peer.index, path, p, n, now, peer.eps[path].fd, m)
 
     cdef inline void _rejected(self, msghdr *m) noexcept nogil:
         memcpy(&self.rejected_addr, m.msg_name, m.msg_namelen)

@@ -35,12 +35,16 @@ cdef struct Pacer:
 
 @cython.final
 cdef class Shaper:
+    # One per peer (peer.pxi): its endpoints, and the sockets they share.
     cdef Paths paths
+    cdef Endpoint *eps
     cdef FlowQueue *queues[MAX_PATHS]
     cdef Pacer pacers[MAX_PATHS]
     # Paths with a rate, and paths with packets queued, one bit each.
     cdef uint32_t paced
     cdef uint32_t backlog
+    # Opened when the peer's first path is paced (a fleet of unpaced peers
+    # costs no file descriptors); the engine watches it.
     cdef int timerfd
     cdef uint64_t armed_ns
     # The flow hash's key (per engine, so that flows cannot be aimed at one
@@ -55,9 +59,15 @@ cdef class Shaper:
         self.paths = paths
         self.key = key
         self.margin_ns = margin_ns
-        self.timerfd = timerfd_create(CLOCK_MONOTONIC, TFD_NONBLOCK | TFD_CLOEXEC)
+        self.timerfd = -1
+
+    cdef int open_timer(self) except -1:
+        """The timer's fd, opened now if it was not."""
         if self.timerfd < 0:
-            raise OSError(errno, os.strerror(errno))
+            self.timerfd = timerfd_create(CLOCK_MONOTONIC, TFD_NONBLOCK | TFD_CLOEXEC)
+            if self.timerfd < 0:
+                raise OSError(errno, os.strerror(errno))
+        return self.timerfd
 
     def __dealloc__(self):
         cdef int i
@@ -99,7 +109,7 @@ cdef class Shaper:
     cdef void _service_path(self, int path, uint64_t now) noexcept nogil:
         cdef FlowQueue *fq = self.queues[path]
         cdef Pacer *pc = &self.pacers[path]
-        cdef Endpoint *ep = &self.paths.eps[path]
+        cdef Endpoint *ep = &self.eps[path]
         cdef QPacket *q
         cdef uint64_t floor
         cdef int i
@@ -137,7 +147,7 @@ cdef class Shaper:
             ep.c.aqm_dropped += fq.dropped
             fq.dropped = 0
             if self.out.n:
-                self.paths.send_on(path, &self.out)
+                self.paths.send_on(ep, path, &self.out)
                 for i in range(self.out.n):
                     free(self.sending[i])
             if self.out.n < BATCH:
@@ -149,7 +159,7 @@ cdef class Shaper:
         # timerfd_settime(2), absolute: fires at once if `due` has passed. A
         # zero it_value disarms.
         cdef itimerspec its
-        if due == self.armed_ns:
+        if due == self.armed_ns or self.timerfd < 0:
             return
         memset(&its, 0, sizeof(itimerspec))
         if due:
@@ -220,7 +230,7 @@ cdef class Shaper:
         for p in range(MAX_PATHS):
             best = 0
             for r in range(MAX_PATHS):
-                if (r != p and self.pacers[r].delay_ns and self.paths.eps[r].fd >= 0
+                if (r != p and self.pacers[r].delay_ns and self.eps[r].fd >= 0
                         and not (self.paced >> r) & 1
                         and (best == 0 or self.pacers[r].delay_ns < best)):
                     best = self.pacers[r].delay_ns

@@ -13,6 +13,7 @@ import struct
 from multitun import noise
 from multitun.ciphers import CIPHERS
 from multitun._fastpath import Engine
+from multitun.lab.traffic import internet_checksum
 
 KEY_ID = 0x5EA1ED
 
@@ -103,12 +104,15 @@ def ipv4(n: int, size: int = 1400) -> bytes:
     return bytes([0x45]) + n.to_bytes(4, "big") + bytes(size - 5)
 
 
-def udp4(sport: int, dport: int, size: int = 1400, tos: int = 0, seq: int = 0) -> bytes:
-    """An IPv4/UDP packet of ``size`` bytes from 10.0.0.1:sport to
-    10.0.0.2:dport, with ``tos`` and ``seq`` at the payload's start: what a
-    paced path's queue tells flows by."""
+def udp4(sport: int, dport: int, size: int = 1400, tos: int = 0, seq: int = 0,
+         src: str = "10.0.0.1", dst: str = "10.0.0.2") -> bytes:
+    """An IPv4/UDP packet of ``size`` bytes from src:sport to dst:dport, with
+    ``tos`` and ``seq`` at the payload's start (what a paced path's queue
+    tells flows by), its header checksum right (a kernel takes it from a
+    TUN) and no UDP checksum (RFC 768 allows that over IPv4)."""
     ip = struct.pack("!BBHHHBBH4s4s", 0x45, tos, size, 0, 0, 64, 17, 0,
-                     bytes([10, 0, 0, 1]), bytes([10, 0, 0, 2]))
+                     socket.inet_aton(src), socket.inet_aton(dst))
+    ip = ip[:10] + struct.pack("!H", internet_checksum(ip)) + ip[12:]
     udp = struct.pack("!HHHH", sport, dport, size - 20, 0)
     return (ip + udp + struct.pack("!I", seq)).ljust(size, b".")
 

@@ -54,7 +54,8 @@ def wait_udp(bed: Bed, src_ns: str, dst_ns: str, dst: str, timeout: float = 10.0
     raise TimeoutError(f"nothing reached {dst} within {timeout:g}s")
 
 
-def _checksum(data: bytes) -> int:
+def internet_checksum(data: bytes) -> int:
+    """RFC 1071's: of an IPv4 header, or an ICMP message."""
     if len(data) % 2:
         data += b"\0"
     total = sum(struct.unpack(f"!{len(data) // 2}H", data))
@@ -99,7 +100,7 @@ def _echo(s: socket.socket, dst: str, ident: int, seq: int, timeout: float) -> f
     body = struct.pack("!HH", ident, seq) + b"multitun-ping".ljust(48, b".")
     packet = struct.pack("!BBH", request_type, 0, 0) + body
     if not v6:  # the kernel fills ICMPv6 checksums itself (RFC 3542)
-        packet = struct.pack("!BBH", request_type, 0, _checksum(packet)) + body
+        packet = struct.pack("!BBH", request_type, 0, internet_checksum(packet)) + body
     start = time.perf_counter()
     s.sendto(packet, (dst, 0))
     while (left := start + timeout - time.perf_counter()) > 0:

@@ -1,0 +1,213 @@
+"""A fleet at scale: one multitun server with a hundred peers, each client
+with its own key and its own addresses on two paths (client engines in this
+process, multitun/lab/fleet.py's LightClients), in one run:
+
+    python3 -m pytest benchmarks/test_fleet_scale.py -s
+
+- the time until every client carries traffic, from a cold start;
+- the server's memory per peer: its resident set with one peer carrying,
+  then with all of them (the other peers added by SIGHUP);
+- the server's CPU per packet (from /proc/PID/stat) with the packets coming
+  from one peer and spread over all of them, then going to one peer and
+  spread over all, alternating, in the same batches.
+"""
+
+import os
+import socket
+import time
+
+from multitun import config
+from multitun.lab import TUN_SERVER
+from multitun.lab.engine_pair import udp4
+from multitun.lab.fleet import Fleet, FleetBed, LightClients, client_tun
+from multitun.keyfile import load_key
+
+from .conftest import requires_root
+
+pytestmark = requires_root
+
+PEERS = 100
+PORT = 9200
+BATCH = 16  # packets handed to a client's TUN at a time (each direction)
+ROUNDS = 3
+PACKETS = 60_000  # per direction, per round
+TICK = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_s(pid: int) -> float:
+    """User + system time of a process, all its threads (proc(5))."""
+    fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / TICK
+
+
+def rss_kib(pid: int) -> int:
+    for line in open(f"/proc/{pid}/status"):
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise LookupError("no VmRSS")
+
+
+class Receiver:
+    """Datagrams to the server's tunnel address, counted per source."""
+
+    def __init__(self, bed):
+        self.sock = bed.socket(bed.server)
+        self.sock.setsockopt(socket.SOL_SOCKET, 33, 16 << 20)  # SO_RCVBUFFORCE
+        self.sock.bind((TUN_SERVER, PORT))
+        self.sock.setblocking(False)
+        self.sources, self.count = set(), 0
+
+    def drain(self):
+        while True:
+            try:
+                _, (host, _) = self.sock.recvfrom(2048)
+            except BlockingIOError:
+                return
+            self.sources.add(host)
+            self.count += 1
+
+
+def test_a_hundred_clients(tmp_path):
+    assert PEERS <= config.MAX_PEERS
+    with FleetBed(1) as bed:
+        fleet = Fleet(bed, tmp_path, npeers=PEERS, clients=False)
+        fleet.write_peers({0: fleet.keys[0]})  # one peer first, for the memory it takes
+        with fleet:
+            run(bed, fleet)
+
+
+def run(bed, fleet):
+    """The figures, from a fleet server that has one peer at first."""
+    pid = fleet.server.pid
+    fleet.wait_log("server", "a fleet of 1 peers")
+    locals_ = bed.aliases(PEERS)
+    paths = [(locals_[i], bed.server_ip(0, i)) for i in range(bed.npaths)]
+    keys = [load_key(k) for k in fleet.keys]
+    rx = Receiver(bed)
+    first = LightClients(bed, bed.clients[0], keys[:1], [(l[:1], s) for l, s in paths])
+    carry_until(first, rx, [0], 10)
+    rss_one = rss_kib(pid)
+
+    fleet.write_peers(dict(enumerate(fleet.keys)))
+    fleet.reload()
+    fleet.wait_log("server", "99 added")
+    start = time.monotonic()
+    rest = LightClients(bed, bed.clients[0], keys[1:], [(l[1:], s) for l, s in paths])
+    clients = Both(first, rest)
+    carry_until(clients, rx, range(PEERS), 60)
+    all_carry_s = time.monotonic() - start
+    clients.pump(1.0)
+    rss_all = rss_kib(pid)
+
+    cost = {"from 1": [], f"from {PEERS}": [], "to 1": [], f"to {PEERS}": []}
+    with bed.socket(bed.server) as tx:
+        for _ in range(ROUNDS):
+            for spread in (1, PEERS):
+                cost[f"from {spread}"].append(inbound(clients, rx, pid, spread))
+                cost[f"to {spread}"].append(outbound(clients, tx, pid, spread))
+    clients.close()
+
+    per_peer = (rss_all - rss_one) / (PEERS - 1)
+    median = {k: sorted(v)[len(v) // 2] for k, v in cost.items()}
+    print(f"\n{PEERS} peers: all carrying {all_carry_s:.2f}s after a cold start; server "
+          f"memory {rss_one / 1024:.1f} MiB with 1 peer, {rss_all / 1024:.1f} MiB with "
+          f"{PEERS}: {per_peer:.0f} KiB per peer")
+    for k, v in cost.items():
+        print(f"  server CPU per packet {k:>8} peers: median {median[k]:.2f} us "
+              f"({', '.join(f'{x:.2f}' for x in v)})")
+    inbound_ratio = median[f"from {PEERS}"] / median["from 1"]
+    outbound_ratio = median[f"to {PEERS}"] / median["to 1"]
+    print(f"  ratio {PEERS} peers / 1: inbound {inbound_ratio:.3f}, outbound {outbound_ratio:.3f}")
+    assert all_carry_s < 30
+    assert per_peer < 1024  # KiB
+    # Lookups by hash, no scans: the cost per packet does not grow with the
+    # peers (within this machine's noise).
+    assert inbound_ratio < 1.3 and outbound_ratio < 1.3
+
+
+class Both:
+    """Two groups of light clients as one, numbered in order."""
+
+    def __init__(self, *groups):
+        self.groups = groups
+        self.clients = [c for g in groups for c in g.clients]
+
+    def pump(self, seconds=0.0):
+        end = time.monotonic() + seconds
+        while True:
+            for g in self.groups:
+                g.pump()
+            if time.monotonic() >= end:
+                return
+
+    def _at(self, k):
+        for g in self.groups:
+            if k < len(g.clients):
+                return g, k
+            k -= len(g.clients)
+        raise IndexError(k)
+
+    def send(self, k, packet):
+        g, j = self._at(k)
+        g.send(j, packet)
+
+    def pump_one(self, k):
+        g, j = self._at(k)
+        g.pump_one(j)
+
+    def carrying(self):
+        return [c for g in self.groups for c in g.carrying()]
+
+    def close(self):
+        for g in self.groups:
+            g.close()
+
+
+def carry_until(clients, rx, ks, timeout):
+    """Pump until the server has a datagram from each client in ``ks``."""
+    want = {client_tun(k) for k in ks}
+    deadline = time.monotonic() + timeout
+    while not want <= rx.sources:
+        assert time.monotonic() < deadline, f"not carrying: {sorted(want - rx.sources)}"
+        for k, ready in zip(ks, clients.carrying()):
+            if ready and client_tun(k) not in rx.sources:
+                clients.send(k, udp4(PORT, PORT, 100, src=client_tun(k), dst=TUN_SERVER))
+        clients.pump()
+        rx.drain()
+
+
+def inbound(clients, rx, pid, spread):
+    """Server CPU per packet (us) for PACKETS packets from ``spread`` peers,
+    BATCH at a time."""
+    packets = [udp4(PORT, PORT, 200, src=client_tun(k), dst=TUN_SERVER) for k in range(spread)]
+    before_count, before = rx.count, cpu_s(pid)
+    for n in range(PACKETS // BATCH):
+        k = n % spread
+        for _ in range(BATCH):
+            clients.send(k, packets[k])
+        clients.pump_one(k)
+        rx.drain()
+    time.sleep(0.2)
+    rx.drain()
+    delivered = rx.count - before_count
+    assert delivered >= 0.99 * (PACKETS // BATCH) * BATCH, delivered
+    return (cpu_s(pid) - before) / delivered * 1e6
+
+
+def outbound(clients, tx, pid, spread):
+    """Server CPU per packet (us) for PACKETS datagrams sent from the
+    server's namespace to ``spread`` peers' addresses, BATCH at a time."""
+    payload = bytes(172)
+    received = sum(c.received for c in clients.clients)
+    before = cpu_s(pid)
+    for n in range(PACKETS // BATCH):
+        k = n % spread
+        for _ in range(BATCH):
+            tx.sendto(payload, (client_tun(k), PORT))
+        clients.pump_one(k)
+    time.sleep(0.2)
+    for k in range(spread):
+        clients.pump_one(k)
+    got = sum(c.received for c in clients.clients) - received
+    assert got >= 0.99 * (PACKETS // BATCH) * BATCH, got
+    return (cpu_s(pid) - before) / got * 1e6
