@@ -231,6 +231,12 @@ class ClientKeying(Keying):
         if pending is None:
             return False  # a copy from a slower path, or one we gave up on
         if header.type == wire.PacketType.HANDSHAKE_COOKIE:
+            if pending is not self.pending:
+                # A cookie for a first message already followed by a newer
+                # one (the copy on another path got a cookie too): answering
+                # it would make a third, whose keys would replace the
+                # second's on the server after we took the second's.
+                return False
             return self._on_cookie(pending, datagram, source, now)
         try:
             payload = pending.initiator.read_response(datagram[wire.HEADER_LEN:])
@@ -257,7 +263,13 @@ class ClientKeying(Keying):
         send, receive = pending.initiator.keys()
         self.engine.install_keys(pending.key_id, send, receive, True, cipher)
         self.handshakes += 1
-        self.pending = self.earlier = self.first_attempt = None
+        if pending is self.earlier and self.pending is not None:
+            # The newer first message may be answered too; its keys then
+            # replace these on the server, so its response must still count.
+            self.earlier = None
+        else:
+            self.pending = self.earlier = None
+        self.first_attempt = None
         log.log(logging.INFO if self.handshakes == 1 else logging.DEBUG,
                 "handshake %08x complete on path %d: %s", pending.key_id, path,
                 ciphers.NAMES[cipher],

@@ -356,3 +356,27 @@ def test_a_lost_response_costs_a_cookie_not_the_connection(ends):
     ends.client.tick(ends.now + keying.RETRY_S)
     assert ends.step() == 1
     assert ends.server.rejected.cookies == 1 and ends.server.rejected.replayed == 0
+
+
+def test_cookies_for_both_copies_of_a_first_message_make_one_handshake():
+    # A client without a ticket sends its first message on every path; each
+    # copy gets a cookie. Taking both would make two new first messages, and
+    # the server's keys for the second would replace the first's after the
+    # client took the first's: two seconds of nothing (found at fleet scale).
+    e = Ends(ticket=False)
+    try:
+        a, b = e.pair.engines
+        e.client.tick(e.now)
+        b.run(0)
+        ((_, _, _, init, source, reply_to),) = b.take_control()
+        for _ in range(2):  # the copy on another path is the same message (this
+            e.server.on_control(0, init, source, reply_to, e.now)  # pair has one path)
+        assert e.server.rejected.cookies == 2
+        assert sum(e.step() for _ in range(3)) == 1
+        assert e.server.handshakes == 1
+        e.pair.send(0, [ipv4(1)])
+        e.pair.pump()
+        assert e.pair.received(1) == [ipv4(1)]
+        assert slots(a) == slots(b) == {"current": a.stats()["key_id"]}
+    finally:
+        e.close()

@@ -24,6 +24,7 @@ from pathlib import Path
 from pyroute2 import IPRoute, netns
 
 from .. import wire
+from ..paths import SO_RCVBUFFORCE, SO_SNDBUFFORCE
 from ..keyfile import generate_key
 from .bed import Bed
 from .process import end
@@ -188,32 +189,38 @@ class LightClients:
     the real client keying (multitun/keying.py) and probing as a multitun
     client does. For scale: a hundred clients cost one process."""
 
-    def __init__(self, bed: Bed, ns: str, keys: list[bytes],
-                 paths: list[tuple[list[str], str]]) -> None:
-        """``paths``: per path, (each client's local address, the server's)."""
+    def __init__(self, bed: Bed, ns: str) -> None:
+        self.bed, self.ns = bed, ns
+        self.clients: list[_LightClient] = []
+        self.probe_seq = 0
+        self._probed = self._kept = 0.0
+
+    def add(self, key: bytes, paths: list[tuple[str, str]]) -> None:
+        """One more client, with key ``key``; ``paths``: per path, (its local
+        address, the server's)."""
         from .._fastpath import Engine
         from ..keying import ClientKeying
         from ..tunnel import new_session
-        self.clients = []
-        for k, key in enumerate(keys):
-            socks = []
-            for locals_, server in paths:
-                s = bed.socket(ns)
-                s.bind((locals_[k], 0))
-                s.connect((server, PORT))
-                s.setblocking(False)
-                socks.append(s)
-            inner, outer = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
-            for s in (inner, outer):
-                s.setblocking(False)
-                s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 20)
-            engine = Engine(inner.fileno(), [s.fileno() for s in socks], False, new_session(),
-                            keyed=True)
-            for i, (_, server) in enumerate(paths):
-                engine.set_remote(i, socket.inet_aton(server), PORT, True)
-            self.clients.append(_LightClient(engine, ClientKeying(engine, key), socks,
-                                             inner, outer))
-        self.probe_seq = 0
+        socks = []
+        for local, server in paths:
+            s = self.bed.socket(self.ns)
+            s.bind((local, 0))
+            s.connect((server, PORT))
+            s.setblocking(False)
+            # A light client runs only when its turn comes: its buffers must
+            # hold what arrives meanwhile.
+            s.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, 8 << 20)
+            socks.append(s)
+        inner, outer = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+        for s in (inner, outer):
+            s.setblocking(False)
+            s.setsockopt(socket.SOL_SOCKET, SO_SNDBUFFORCE, 8 << 20)
+            s.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, 8 << 20)
+        engine = Engine(inner.fileno(), [s.fileno() for s in socks], False, new_session(),
+                        keyed=True)
+        for i, (_, server) in enumerate(paths):
+            engine.set_remote(i, socket.inet_aton(server), PORT, True)
+        self.clients.append(_LightClient(engine, ClientKeying(engine, key), socks, inner, outer))
 
     def carrying(self) -> list[bool]:
         return [c.keying.current() is not None for c in self.clients]
@@ -224,7 +231,7 @@ class LightClients:
         end = time.monotonic() + seconds
         while True:
             now = time.monotonic()
-            probe = now - getattr(self, "_probed", 0.0) >= 0.1
+            probe = now - self._probed >= 0.1
             if probe:
                 self._probed = now
                 self.probe_seq += 1
@@ -240,6 +247,15 @@ class LightClients:
                 c.drain()
             if time.monotonic() >= end:
                 return
+
+    def keep_up(self) -> None:
+        """A round of every client at most every 50 ms, whichever is sending:
+        each answers the server's probes and probes it, so that the server's
+        work besides the packets stays the same."""
+        now = time.monotonic()
+        if now - self._kept >= 0.05:
+            self._kept = now
+            self.pump()
 
     def pump_one(self, k: int) -> None:
         """One round of client k's engine alone (what it has queued goes)."""
