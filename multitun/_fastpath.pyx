@@ -67,7 +67,8 @@ from .fastpath.batch cimport Batch, add_packet, next_packet
 from .fastpath.limiter cimport SourceLimiter, limiter_allow
 from .fastpath.codel cimport CODEL_INTERVAL_NS, CODEL_TARGET_NS
 from .fastpath.routes cimport (
-    ROUTE_NONE, RouteTable, route_add, route_of_packet, routes_alloc, routes_free,
+    ROUTE_NONE, RouteFamily, RouteTable, route_add, route_of_packet, routes_alloc,
+    routes_free,
 )
 from .fastpath.keyindex cimport KeyIndex, keyindex_add, keyindex_alloc, keyindex_find, keyindex_free
 from .fastpath.flowqueue cimport (

@@ -64,6 +64,10 @@ PEER_COUNTERS = {
                       "allowed IPs, dropped",
 }
 
+FLEET_COUNTERS = {
+    "handshake_unknown_key": "First messages to a fleet server made with a key no peer has",
+}
+
 HANDSHAKE_COUNTERS = {
     "handshakes": "Handshakes completed (client) or answered (server)",
     "handshake_auth_failed": "Handshake messages that failed authentication",

@@ -160,6 +160,9 @@ class _Pending:
     sent_at: float
     # The first message's ephemeral public key: a cookie for it is sealed to it.
     ephemeral: bytes
+    # It carried a ticket: the server may answer it with keys (without, only
+    # with a cookie).
+    ticketed: bool
     # The server answered it (refusing the cipher, say): its ticket is fresh.
     answered: bool = False
 
@@ -210,7 +213,8 @@ class ClientKeying(Keying):
         message = initiator.write_init(self.ticket + ciphers.offer(self.cipher, self.has_aes))
         body = self.fingerprint + message
         self.earlier = self.pending
-        self.pending = _Pending(initiator, key_id, now, message[:noise.DHLEN])
+        self.pending = _Pending(initiator, key_id, now, message[:noise.DHLEN],
+                                self.ticket != tickets.NONE)
         if self.first_attempt is None:
             self.first_attempt = now
         for p in self.engine.paths():
@@ -263,9 +267,10 @@ class ClientKeying(Keying):
         send, receive = pending.initiator.keys()
         self.engine.install_keys(pending.key_id, send, receive, True, cipher)
         self.handshakes += 1
-        if pending is self.earlier and self.pending is not None:
+        if pending is self.earlier and self.pending is not None and self.pending.ticketed:
             # The newer first message may be answered too; its keys then
             # replace these on the server, so its response must still count.
+            # (One without a ticket gets only a cookie, not to be followed.)
             self.earlier = None
         else:
             self.pending = self.earlier = None

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 
-from .counters import HANDSHAKE_COUNTERS, PATH_COUNTERS, PEER_COUNTERS, TUNNEL_COUNTERS
+from .counters import (
+    FLEET_COUNTERS, HANDSHAKE_COUNTERS, PATH_COUNTERS, PEER_COUNTERS, TUNNEL_COUNTERS,
+)
 from .errors import SetupError
 
 try:
@@ -78,6 +80,8 @@ class _Collector:
             yield CounterMetricFamily(f"multitun_{key}", doc, value=st["tunnel"][key])
         if fleet:
             yield from self._peers(views)
+            for key, doc in FLEET_COUNTERS.items():
+                yield CounterMetricFamily(f"multitun_{key}", doc, value=st["security"][key])
         keyed = [v for v in views if v["security"]["keyed"]]
         if keyed:
             handshakes = {k: CounterMetricFamily(f"multitun_{k}", doc, labels=["peer"])

@@ -22,6 +22,8 @@ class PathState:
     # What the log last said of the path's UDP GSO: (on, largest datagram
     # in a train); each refusal narrows it, and is said once.
     logged_gso: tuple[bool, int | None] = (True, None)
+    # The engine could not pace the path (no timer), and the log said so.
+    logged_unpaced: bool = False
 
     def forget_endpoint(self) -> None:
         """The path's endpoint is gone: the next one starts with fresh health

@@ -57,9 +57,11 @@ def parse_peer(name: object, key_file: object, allowed_ips: object, where: str) 
         if not isinstance(item, str):
             raise ConfigError(f"{where}: {what}: allowed_ips: {item!r} is not a string")
         try:
-            prefixes.append(ipaddress.ip_network(item.strip()))
+            net = ipaddress.ip_network(item.strip())
         except ValueError as e:
             raise ConfigError(f"{where}: {what}: allowed_ips: {e}") from None
+        if net not in prefixes:  # "10.42.42.7" and "10.42.42.7/32" are one
+            prefixes.append(net)
     return PeerSpec(name, key_file, tuple(prefixes), key)
 
 

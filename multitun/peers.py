@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 from . import wire
 from ._fastpath import Engine
-from .config import Config
+from .config import MAX_PEERS, Config
 from .keying import Keying, ServerKeying, fingerprint
 from .logfields import event
 from .pathstate import PathStates
@@ -93,40 +93,47 @@ class Peers:
         return peer
 
     def apply(self, specs: tuple[PeerSpec, ...]) -> tuple[list[str], list[str], list[str]]:
-        """Make the fleet these peers: (added, removed, changed) names.
+        """Make the fleet these peers (checked as a set: peerconfig.py):
+        (added, removed, changed) names.
 
         A peer whose name and key stay keeps its session, endpoints and
         counters; a new allowed_ips takes effect at once. A peer whose key
         changed is a new peer under the same name: its old session ends.
-        New peers come into the engine before the routes that name them;
-        removed ones leave it after."""
+        The engine sees it all between two runs of its loop: the routes of
+        the peers that go, then those peers, leave first (their slots are
+        free again), then the new peers come in, then every route."""
         old = {p.name: p for p in self.by_index.values()}
         wanted = {s.name: s for s in specs}
-        added, changed = [], []
-        gone = [p for name, p in old.items() if name not in wanted
-                or wanted[name].key != p.spec.key]
-        free = (i for i in range(len(self.by_index) + len(specs) + 1) if i not in self.by_index)
+        gone = [p for p in old.values()
+                if p.name not in wanted or wanted[p.name].key != p.spec.key]
+        added, changed, new = [], [], []
         for spec in specs:
             peer = old.get(spec.name)
             if peer is not None and peer.spec == spec:
                 continue
-            if peer is not None:
-                changed.append(spec.name)
-                if peer.spec.key == spec.key:
-                    peer.spec = spec
-                    continue
-            peer = Peer(next(free), spec.name, PathStates(self.config), None, spec)
-            peer.keying = ServerKeying(self.engine, spec.key, self.config.cipher, peer.index,
-                                       spec.name)
-            self.engine.add_peer(peer.index)
-            self.by_index[peer.index] = peer
-            if spec.name not in old:
+            if peer is None:
                 added.append(spec.name)
-        kept = [p for p in self.by_index.values() if p not in gone]
-        self.engine.set_routes([(p.index, net.network_address.packed, net.prefixlen)
-                                for p in kept for net in p.spec.allowed_ips])
+            else:
+                changed.append(spec.name)
+            if peer is not None and peer.spec.key == spec.key:
+                peer.spec = spec  # new allowed_ips, same session
+            else:
+                new.append(spec)
+        self._route([p for p in self.by_index.values() if p not in gone])
         for peer in gone:
             self.engine.remove_peer(peer.index)
             del self.by_index[peer.index]
-        self.by_fingerprint = {fingerprint(p.spec.key): p for p in kept}
+        for spec in new:
+            index = next(i for i in range(MAX_PEERS) if i not in self.by_index)
+            peer = Peer(index, spec.name, PathStates(self.config), None, spec)
+            peer.keying = ServerKeying(self.engine, spec.key, self.config.cipher, index,
+                                       spec.name)
+            self.engine.add_peer(index)
+            self.by_index[index] = peer
+        self._route(list(self.by_index.values()))
+        self.by_fingerprint = {fingerprint(p.spec.key): p for p in self.by_index.values()}
         return added, [p.name for p in gone if p.name not in wanted], changed
+
+    def _route(self, peers: list[Peer]) -> None:
+        self.engine.set_routes([(p.index, net.network_address.packed, net.prefixlen)
+                                for p in peers for net in p.spec.allowed_ips])

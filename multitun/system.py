@@ -1,11 +1,12 @@
-"""What the tunnel asks of the host around it: CPU wake-up latency and
-systemd's readiness protocol."""
+"""What the tunnel asks of the host around it: CPU wake-up latency, file
+descriptors for a fleet, and systemd's readiness protocol."""
 
 from __future__ import annotations
 
 import contextlib
 import logging
 import os
+import resource
 import socket
 import sys
 from collections.abc import Iterator
@@ -13,6 +14,16 @@ from collections.abc import Iterator
 from .errors import SetupError
 
 log = logging.getLogger("multitun")
+
+
+def fds_for(peers: int) -> None:
+    """Room for a fleet's file descriptors: each peer whose paths are paced
+    has a timer of its own. The soft limit goes up to the hard one
+    (getrlimit(2)), as servers of many clients do; systemd's default soft
+    limit is 1024, its hard one far above."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if peers and soft != resource.RLIM_INFINITY and soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
 @contextlib.contextmanager

@@ -37,11 +37,17 @@ from .peerconfig import read_peers
 from .peers import Peer, Peers
 from .roles import role_for
 from .status import StatusServer, snapshot
-from .system import cpu_latency_qos, notify_systemd
+from .system import cpu_latency_qos, fds_for, notify_systemd
 
 log = logging.getLogger("multitun")
 
 HOUSEKEEPING_INTERVAL = 1.0
+# A fleet's probes go a slice of this many peers at a time, the slices
+# spread over the probe interval: the loop that forwards packets is never
+# away for all of them at once.
+PROBE_SLICE = 16
+# A fleet server publishes its status (every peer's) at most this often.
+FLEET_PUBLISH_INTERVAL = 1.0
 # A path's send errors are summarised at most this often (never one line per packet).
 ERROR_SUMMARY_INTERVAL = 5.0
 
@@ -61,6 +67,7 @@ class Tunnel:
         self.published: dict = {}
         self._seen_rejections = (0, 0)
         self._seen_unknown_key = 0
+        self._turn = 0
         self._next_error_summary = 0.0
         self._reload = False
 
@@ -77,6 +84,7 @@ class Tunnel:
             wake_fd = self._install_signals(stack)
             if cfg.low_latency:
                 stack.enter_context(cpu_latency_qos())
+            fds_for(len(cfg.peers))
             device = TunDevice(cfg.dev, offload=cfg.offload)
             stack.callback(device.close)
             self.dev = device.name
@@ -247,9 +255,10 @@ class Tunnel:
 
     def _loop(self) -> int:
         """Until stopped (0), or until the data plane fails (1)."""
-        engine, interval = self.engine, self.config.probe_interval
+        engine = self.engine
         now = time.monotonic()
         next_probe, next_housekeeping = now, now + HOUSEKEEPING_INTERVAL
+        published_at, want_publish = 0.0, False
         while not self.stopping:
             wait = max(0.0, min(next_probe, next_housekeeping) - time.monotonic())
             try:
@@ -261,7 +270,8 @@ class Tunnel:
                           extra=event("data_plane_stopped", errno=e.errno))
                 return 1
             # Published when the engine says something changed (a peer, an
-            # endpoint), else at least every probe interval and every second.
+            # endpoint), else at least every probe interval and every second
+            # (a fleet: at most every FLEET_PUBLISH_INTERVAL).
             publish = bool(flags & WAKE["event"])
             if publish:
                 self._log_events()
@@ -277,19 +287,32 @@ class Tunnel:
                 publish = True
             now = time.monotonic()
             if now >= next_probe:
-                for peer in self.peers:
-                    if peer.keying:
-                        peer.keying.tick(now)
-                self._probe()
-                next_probe = max(next_probe + interval, now)
+                next_probe = max(next_probe + self._probe_turn(now), now)
                 publish = True
             if now >= next_housekeeping:
                 self._housekeeping(now)
                 next_housekeeping = now + HOUSEKEEPING_INTERVAL
                 publish = True
-            if publish:
+            want_publish |= publish
+            if want_publish and (not self.peers.fleet
+                                 or now - published_at >= FLEET_PUBLISH_INTERVAL):
                 self._publish()
+                published_at, want_publish = now, False
         return 0
+
+    def _probe_turn(self, now: float) -> float:
+        """The keying's timers and the probes of this turn's slice of the
+        peers (all of them, unless a fleet has more than PROBE_SLICE);
+        the seconds until the next turn."""
+        peers = list(self.peers)
+        slices = max(1, -(-len(peers) // PROBE_SLICE))
+        turn = peers[self._turn % slices::slices]
+        self._turn += 1
+        for peer in turn:
+            if peer.keying:
+                peer.keying.tick(now)
+        self._probe(turn)
+        return self.config.probe_interval / slices
 
     def _reload_peers(self) -> None:
         """SIGHUP: read the config file's peers again (only a fleet server
@@ -311,13 +334,13 @@ class Tunnel:
                  len(specs), extra=event("peers_reloaded", added=added, removed=removed,
                                          changed=changed))
 
-    def _probe(self, only: Peer | None = None) -> None:
-        """Probe every path of every peer (or of ``only``) that has an
-        endpoint; before that, the paths' health and pacing follow the time."""
+    def _probe(self, peers: list[Peer]) -> None:
+        """Probe every path of these peers that has an endpoint; before
+        that, the paths' health and pacing follow the time."""
         engine = self.engine
         self.probe_seq += 1
         now_ns = time.monotonic_ns()
-        for peer in (only,) if only else self.peers:
+        for peer in peers:
             for i, state in peer.states.items():
                 if state.health.tick(now_ns):
                     log.warning(peer.said("path %d down: no probe answered for %.1fs"), i,
@@ -342,7 +365,7 @@ class Tunnel:
         peer = self.peers[index] if index >= 0 else self.peers.for_handshake(datagram, source)
         if peer is not None and peer.keying and peer.keying.on_control(
                 path, datagram, source, reply_to, time.monotonic()):
-            self._probe(peer)  # the first authentic packets under the new keys, on every path
+            self._probe([peer])  # the first authentic packets under the new keys, on every path
 
     def _on_probe_reply(self, peer: Peer, path: int, rx_ns: int, datagram: bytes) -> None:
         timestamp_ns, number = wire.probe_payload(datagram)
@@ -365,7 +388,15 @@ class Tunnel:
         to drop a copy as stale (at every probe, so within a few intervals)."""
         state = peer.states[path]
         delay = state.capacity.delay_ns if state.health.answering(now_ns) else 0
-        self.engine.shape(path, state.capacity.pacing_rate, delay, peer.index)
+        try:
+            self.engine.shape(path, state.capacity.pacing_rate, delay, peer.index)
+        except OSError as e:
+            # No timer for the peer's pacing (out of file descriptors): the
+            # path goes unpaced, as before this version; said once a path.
+            if not state.logged_unpaced:
+                state.logged_unpaced = True
+                log.error(peer.said("path %d cannot be paced: %s"), path, e.strerror,
+                          extra=peer.fields("pacing_failed", path=path))
 
     def _housekeeping(self, now: float) -> None:
         summary = now >= self._next_error_summary

@@ -23,8 +23,17 @@ def ask(bed, ns, dev="multitun0"):
     return status.query(dev, sock=bed.socket(ns, socket.AF_UNIX, socket.SOCK_STREAM))
 
 
-def peer_view(bed, name):
-    return next(v for v in ask(bed, bed.server)["peers"] if v["name"] == name)
+def fresh(bed, settled, timeout=3.0):
+    """The server's status once ``settled(status)`` holds: a fleet server
+    publishes at most once a second."""
+    deadline = time.monotonic() + timeout
+    while not settled(st := ask(bed, bed.server)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return st
+
+
+def peer_view(st, name):
+    return next(v for v in st["peers"] if v["name"] == name)
 
 
 def wait_all(bed, ks, timeout=10.0):
@@ -55,7 +64,7 @@ def test_each_client_reaches_the_server_and_through_it_another(fleet3):
     bed.forwarding(True)
     checked(tcp_transfer(bed, bed.clients[0], bed.clients[2], client_tun(2), data), len(data))
     checked(tcp_transfer(bed, bed.clients[2], bed.clients[1], client_tun(1), data), len(data))
-    st = ask(bed, bed.server)
+    st = fresh(bed, lambda st: all(v["delivered"] for v in st["peers"]))
     assert [v["name"] for v in st["peers"]] == ["robot0", "robot1", "robot2"]
     for v in st["peers"]:
         assert v["paths_up"] == 2 and v["delivered"] > 0 and v["security"]["cipher"]
@@ -83,7 +92,8 @@ def test_a_client_posing_as_another_gets_nothing_through(fleet3):
             tx.sendto(b"posing", (TUN_SERVER, rx.getsockname()[1]))
         with pytest.raises(TimeoutError):
             rx.recv(64)
-    assert peer_view(bed, "robot0")["source_refused"] == 50
+    st = fresh(bed, lambda st: peer_view(st, "robot0")["source_refused"])
+    assert peer_view(st, "robot0")["source_refused"] == 50
     wait_udp(bed, bed.clients[1], bed.server, TUN_SERVER, 2)  # robot1 itself still gets through
 
 
@@ -96,10 +106,11 @@ def test_a_key_the_server_does_not_know_gets_nothing(tmp_path):
         assert sorted(received) == list(range(1000))
         with pytest.raises(TimeoutError):
             wait_udp(bed, bed.clients[2], bed.server, TUN_SERVER, 2)
-        st = ask(bed, bed.server)
+        st = fresh(bed, lambda st: st["security"]["handshake_unknown_key"]
+                   and not peer_view(st, "robot2")["paths_up"])
         assert st["security"]["handshake_unknown_key"] > 0
-        assert peer_view(bed, "robot2")["paths_up"] == 0
-        assert peer_view(bed, "robot0")["security"]["handshake_auth_failed"] == 0
+        assert peer_view(st, "robot2")["paths_up"] == 0
+        assert peer_view(st, "robot0")["security"]["handshake_auth_failed"] == 0
 
 
 def test_one_client_restarting_costs_the_others_nothing(fleet3):
@@ -155,11 +166,15 @@ def test_sighup_adds_and_removes_peers_while_others_stream(tmp_path):
             assert sorted(results[k]) == list(range(STREAM_COUNT)), f"robot{k} lost packets"
         with pytest.raises(TimeoutError):
             wait_udp(bed, bed.clients[2], bed.server, TUN_SERVER, 1.5)
-        names = [v["name"] for v in ask(bed, bed.server)["peers"]]
-        assert names == ["robot0", "robot1", "robot3"]
+        def names(st):
+            return [v["name"] for v in st["peers"]]
+
+        assert names(fresh(bed, lambda st: "robot3" in names(st))) == [
+            "robot0", "robot1", "robot3"]
         # A bad set is refused, and the peers stay as they were.
         fleet.config.write_text(fleet.config.read_text() + '[[peer]]\nname = "robot0"\n')
         fleet.reload()
         fleet.wait_log("server", "reload refused, the peers stay as they were")
-        assert [v["name"] for v in ask(bed, bed.server)["peers"]] == names
+        time.sleep(1.1)  # a publish
+        assert names(ask(bed, bed.server)) == ["robot0", "robot1", "robot3"]
         wait_all(bed, [0, 1, 3], timeout=2)

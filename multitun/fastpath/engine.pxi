@@ -402,10 +402,15 @@ cdef class Engine:
     def shape(self, int path, uint64_t rate, uint64_t delay_ns, int peer=0):
         """Pace path ``path`` at ``rate`` bytes/s (0: send at once, as an
         unpaced path does) and take ``delay_ns`` as its one-way delay (0:
-        unknown, or down), which says when its queued copies are stale."""
+        unknown, or down), which says when its queued copies are stale.
+        OSError if the peer's first paced path cannot have its timer."""
         cdef Peer p = self.peers.get(peer)
         if rate and p.shaper.timerfd < 0:
-            self._watch(p.shaper.open_timer(), TAG_TIMER + peer)
+            try:
+                self._watch(p.shaper.open_timer(), TAG_TIMER + peer)
+            except OSError:
+                p.shaper.close_timer()  # not watched: it would never wake the loop
+                raise
         p.shaper.shape(path, rate, delay_ns)
 
     def held(self, int path, int peer=0):

@@ -9,6 +9,15 @@
 from cpython.ref cimport PyObject
 
 
+cdef bint _family_routes_to(const RouteFamily *f, int peer):
+    cdef uint32_t i
+    if f.slots != NULL:
+        for i in range(f.mask + 1):
+            if f.slots[i].peer == peer:
+                return True
+    return False
+
+
 @cython.final
 cdef class Peers:
     cdef bint fleet
@@ -75,8 +84,11 @@ cdef class Peers:
         return p
 
     cdef Peer remove(self, int index):
-        """Peer ``index`` is gone: its keys, endpoints and queues with it."""
+        """Peer ``index`` is gone: its keys, endpoints and queues with it.
+        No route may name it still: the loop would find no peer there."""
         cdef Peer p = self.get(index)
+        if self._routes_to(index):
+            raise ValueError(f"peer {index} still has routes: set_routes() without them first")
         self.at[index] = NULL
         del self.objects[index]
         self.index_keys()
@@ -95,19 +107,25 @@ cdef class Peers:
                 or routes_alloc(&t.v6, 16, len(routes)) < 0):
             routes_free(&t)
             raise MemoryError()
-        for peer, address, length in routes:
-            a = address
-            self.get(peer)
-            if not (a.shape[0] in (4, 16) and 0 <= length <= 8 * a.shape[0]):
-                routes_free(&t)
-                raise ValueError(f"not an address and prefix length: {address!r}/{length}")
-            r = route_add(&t, &a[0], length, peer, a.shape[0] == 16)
-            if r != ROUTE_NONE:
-                routes_free(&t)
-                raise ValueError(f"prefix {bytes(address).hex()}/{length} is peer {r}'s "
-                                 f"already")
+        try:
+            for peer, address, length in routes:
+                a = address
+                self.get(peer)
+                if not (a.shape[0] in (4, 16) and 0 <= length <= 8 * a.shape[0]):
+                    raise ValueError(f"not an address and prefix length: {address!r}/{length}")
+                r = route_add(&t, &a[0], length, peer, a.shape[0] == 16)
+                if r != ROUTE_NONE:
+                    raise ValueError(f"prefix {bytes(address).hex()}/{length} is peer {r}'s "
+                                     f"already")
+        except BaseException:
+            routes_free(&t)
+            raise
         routes_free(&self.routes)
         self.routes = t
+
+    cdef bint _routes_to(self, int index):
+        return _family_routes_to(&self.routes.v4, index) or _family_routes_to(
+            &self.routes.v6, index)
 
     cdef index_keys(self):
         """Rebuild the key id index from every peer's key ring (after keys

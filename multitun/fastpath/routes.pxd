@@ -124,8 +124,8 @@ cdef inline int routes_alloc(RouteFamily *f, int32_t addr_len, uint32_t count) n
 
 cdef inline int route_add(RouteTable *t, const uint8_t *addr, int32_t length,
                           int32_t peer, bint v6) noexcept nogil:
-    """Add a prefix (masked here); ROUTE_NONE, or the peer that has it
-    already."""
+    """Add a prefix (masked here) for ``peer``; ROUTE_NONE, or the other
+    peer that has it already."""
     cdef RouteFamily *f = &t.v6 if v6 else &t.v4
     cdef uint8_t masked[16]
     cdef uint32_t i
@@ -134,7 +134,7 @@ cdef inline int route_add(RouteTable *t, const uint8_t *addr, int32_t length,
     i = route_hash(t.key, masked, length) & f.mask
     while f.slots[i].peer != ROUTE_NONE:
         if f.slots[i].length == length and memcmp(f.slots[i].addr, masked, 16) == 0:
-            return f.slots[i].peer
+            return ROUTE_NONE if f.slots[i].peer == peer else f.slots[i].peer
         i = (i + 1) & f.mask
     memcpy(f.slots[i].addr, masked, 16)
     f.slots[i].length = length

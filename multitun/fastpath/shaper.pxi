@@ -69,14 +69,18 @@ cdef class Shaper:
                 raise OSError(errno, os.strerror(errno))
         return self.timerfd
 
+    cdef void close_timer(self) noexcept:
+        if self.timerfd >= 0:
+            close(self.timerfd)
+            self.timerfd = -1
+
     def __dealloc__(self):
         cdef int i
         for i in range(MAX_PATHS):
             if self.queues[i] != NULL:
                 fq_clear(self.queues[i])
                 free(self.queues[i])
-        if self.timerfd >= 0:
-            close(self.timerfd)
+        self.close_timer()
 
     cdef inline bint holds(self, int path) noexcept nogil:
         """Path ``path``'s datagrams go through its queue (it is paced, or
