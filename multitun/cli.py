@@ -16,11 +16,6 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover
-    import tomli as tomllib
-
 from . import ciphers
 from ._version import __version__
 from .config import (
@@ -28,6 +23,7 @@ from .config import (
     DEFAULT_QUEUE_TARGET_MS, DEFAULT_TIMEOUT, MAX_MTU, Config, parse_address, parse_hostport,
     parse_int, parse_paths, parse_port, parse_queue_target, parse_rate_cap, parse_tun_address,
 )
+from .configfile import read_toml
 from .errors import ConfigError, OneLineParser, SetupError
 from .keyfile import load_key
 from .peerconfig import parse_peer, parse_tables
@@ -209,12 +205,7 @@ def merge_config_file(args: argparse.Namespace, parser: argparse.ArgumentParser,
     checks as its option; unknown keys and bad values are ConfigErrors naming
     the file and the key."""
     path = args.config
-    try:
-        data = tomllib.loads(path.read_text())
-    except OSError as e:
-        raise ConfigError(f"{path}: {e.strerror}") from None
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
-        raise ConfigError(f"{path}: {e}") from None
+    data = read_toml(path)
     actions = {a.dest: a for a in parser._actions
                if a.dest not in ("help", "version", "config")}
     given = _given_options(argv)

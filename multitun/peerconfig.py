@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import ipaddress
 import re
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .configfile import read_toml
 from .errors import ConfigError
 from .keyfile import load_key
 
@@ -90,12 +90,7 @@ def parse_tables(tables: object) -> tuple[PeerSpec, ...]:
 def read_peers(path: Path, limit: int) -> tuple[PeerSpec, ...]:
     """The [[peer]] tables of a config file, checked as a set (SIGHUP reads
     them again; the file's other settings need a restart)."""
-    try:
-        data = tomllib.loads(path.read_text())
-    except OSError as e:
-        raise ConfigError(f"{path}: {e.strerror}") from None
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
-        raise ConfigError(f"{path}: {e}") from None
+    data = read_toml(path)
     try:
         peers = parse_tables(data.get("peer", []))
         check_peers(peers, limit)

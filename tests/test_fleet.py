@@ -2,8 +2,10 @@
 namespaces, each client with two veth paths of its own, one multitun server
 with a [[peer]] per client, a multitun client in each namespace."""
 
+import contextlib
 import os
 import socket
+import threading
 import time
 
 import pytest
@@ -32,8 +34,34 @@ def fresh(bed, settled, timeout=3.0):
     return st
 
 
+def names(st):
+    return [v["name"] for v in st["peers"]]
+
+
 def peer_view(st, name):
     return next(v for v in st["peers"] if v["name"] == name)
+
+
+@contextlib.contextmanager
+def streaming(bed, ks):
+    """Clients ``ks`` each stream numbered datagrams to the server, 500 a
+    second for 5 s, while the body runs (from 1 s in); after it, every one
+    of them must have arrived, once."""
+    results = {}
+
+    def stream(k):
+        results[k] = udp_stream(bed, bed.clients[k], bed.server, TUN_SERVER, STREAM_RATE,
+                                STREAM_COUNT, port=9100 + k)
+
+    threads = [threading.Thread(target=stream, args=(k,)) for k in ks]
+    for t in threads:
+        t.start()
+    time.sleep(1.0)
+    yield
+    for t in threads:
+        t.join()
+    for k in ks:
+        assert sorted(results[k]) == list(range(STREAM_COUNT)), f"robot{k} lost packets"
 
 
 def wait_all(bed, ks, timeout=10.0):
@@ -65,7 +93,7 @@ def test_each_client_reaches_the_server_and_through_it_another(fleet3):
     checked(tcp_transfer(bed, bed.clients[0], bed.clients[2], client_tun(2), data), len(data))
     checked(tcp_transfer(bed, bed.clients[2], bed.clients[1], client_tun(1), data), len(data))
     st = fresh(bed, lambda st: all(v["delivered"] for v in st["peers"]))
-    assert [v["name"] for v in st["peers"]] == ["robot0", "robot1", "robot2"]
+    assert names(st) == ["robot0", "robot1", "robot2"]
     for v in st["peers"]:
         assert v["paths_up"] == 2 and v["delivered"] > 0 and v["security"]["cipher"]
         assert v["source_refused"] == 0
@@ -115,23 +143,9 @@ def test_a_key_the_server_does_not_know_gets_nothing(tmp_path):
 
 def test_one_client_restarting_costs_the_others_nothing(fleet3):
     bed, fleet = fleet3
-    import threading
-    results = {}
-
-    def stream(k):
-        results[k] = udp_stream(bed, bed.clients[k], bed.server, TUN_SERVER, STREAM_RATE,
-                                STREAM_COUNT, port=9100 + k)
-
-    threads = [threading.Thread(target=stream, args=(k,)) for k in (0, 1)]
-    for t in threads:
-        t.start()
-    time.sleep(1.0)
-    fleet.stop_client(2)
-    fleet.start_client(2)
-    for t in threads:
-        t.join()
-    for k in (0, 1):
-        assert sorted(results[k]) == list(range(STREAM_COUNT)), f"robot{k} lost packets"
+    with streaming(bed, (0, 1)):
+        fleet.stop_client(2)
+        fleet.start_client(2)
     wait_all(bed, [2], timeout=5)
 
 
@@ -144,31 +158,14 @@ def test_sighup_adds_and_removes_peers_while_others_stream(tmp_path):
         fleet.reload()
         fleet.wait_log("server", "1 removed (robot3)")
         wait_all(bed, range(3))
-        import threading
-        results = {}
-
-        def stream(k):
-            results[k] = udp_stream(bed, bed.clients[k], bed.server, TUN_SERVER, STREAM_RATE,
-                                    STREAM_COUNT, port=9100 + k)
-
-        threads = [threading.Thread(target=stream, args=(k,)) for k in (0, 1)]
-        for t in threads:
-            t.start()
-        time.sleep(1.0)
-        # robot3 in, robot2 out, in one reload.
-        fleet.write_peers({k: fleet.keys[k] for k in (0, 1, 3)})
-        fleet.reload()
-        fleet.wait_log("server", "1 added (robot3), 1 removed (robot2)")
-        wait_all(bed, [3], timeout=5)
-        for t in threads:
-            t.join()
-        for k in (0, 1):
-            assert sorted(results[k]) == list(range(STREAM_COUNT)), f"robot{k} lost packets"
+        with streaming(bed, (0, 1)):
+            # robot3 in, robot2 out, in one reload.
+            fleet.write_peers({k: fleet.keys[k] for k in (0, 1, 3)})
+            fleet.reload()
+            fleet.wait_log("server", "1 added (robot3), 1 removed (robot2)")
+            wait_all(bed, [3], timeout=5)
         with pytest.raises(TimeoutError):
             wait_udp(bed, bed.clients[2], bed.server, TUN_SERVER, 1.5)
-        def names(st):
-            return [v["name"] for v in st["peers"]]
-
         assert names(fresh(bed, lambda st: "robot3" in names(st))) == [
             "robot0", "robot1", "robot3"]
         # A bad set is refused, and the peers stay as they were.

@@ -27,7 +27,7 @@ from .. import wire
 from ..paths import SO_RCVBUFFORCE, SO_SNDBUFFORCE
 from ..keyfile import generate_key
 from .bed import Bed
-from .process import end
+from .process import end, logs, wait_logged
 from .tunnel_pair import TUN_SERVER, TUN_SERVER6
 
 PORT = 5678
@@ -171,15 +171,10 @@ class Fleet:
         os.kill(self.server.pid, signal.SIGHUP)
 
     def logs(self, name: str) -> str:
-        return "".join(p.read_text() for p in sorted(self.dir.glob(f"{name}.*.log")))
+        return logs(self.dir, name)
 
     def wait_log(self, name: str, text: str, timeout: float = 5.0) -> str:
-        deadline = time.monotonic() + timeout
-        while text not in (logs := self.logs(name)):
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"{text!r} not logged by {name} within {timeout:g}s:\n{logs}")
-            time.sleep(0.05)
-        return logs
+        return wait_logged(self.dir, name, text, timeout)
 
 
 class LightClients:

@@ -6,12 +6,11 @@ import itertools
 import os
 import signal
 import subprocess
-import time
 from pathlib import Path
 
 from ..keyfile import generate_key
 from .bed import Bed
-from .process import end
+from .process import end, logs, wait_logged
 from .traffic import wait_udp
 
 
@@ -93,16 +92,11 @@ class TunnelPair:
                 end(proc, signal.SIGTERM)
 
     def logs(self, side: str) -> str:
-        return "".join(p.read_text() for p in sorted(self.logdir.glob(f"{side}.*.log")))
+        return logs(self.logdir, side)
 
     def wait_log(self, side: str, text: str, timeout: float = 5.0) -> str:
         """Wait until ``text`` is in ``side``'s logs; the logs."""
-        deadline = time.monotonic() + timeout
-        while text not in (logs := self.logs(side)):
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"{text!r} not logged by the {side} within {timeout:g}s:\n{logs}")
-            time.sleep(0.05)
-        return logs
+        return wait_logged(self.logdir, side, text, timeout)
 
     def wait_carrying(self, timeout: float = 10.0, v6: bool = False) -> float:
         """Seconds until a datagram sent client -> server arrives through the tunnel."""
