@@ -149,6 +149,20 @@ def test_one_client_restarting_costs_the_others_nothing(fleet3):
     wait_all(bed, [2], timeout=5)
 
 
+def test_one_client_roaming_costs_no_one_anything(fleet3):
+    # Client 0's first modem re-attaches with a new address while clients 0
+    # and 1 stream: the server follows robot0's path from its next
+    # authentic probe, and nobody loses a packet (robot0's other path
+    # carries its stream meanwhile).
+    bed, fleet = fleet3
+    with streaming(bed, (0, 1)):
+        new = bed.move(0, 0, 7)
+        fleet.wait_log("server", f"peer robot0: path 0: peer endpoint {new}:")
+    # The other peers' endpoints were learned once each, and never moved.
+    moves = [line for line in fleet.logs("server").splitlines() if "peer endpoint" in line]
+    assert sum("robot0" not in line for line in moves) == 4, moves
+
+
 def test_sighup_adds_and_removes_peers_while_others_stream(tmp_path):
     with FleetBed(4) as bed, Fleet(bed, tmp_path) as fleet:
         # Three peers at first: robot3's client runs, but the server does

@@ -95,8 +95,22 @@ class FleetBed(Bed):
         return _path_ips(k, i)[1]
 
     def endpoints(self, k: int) -> str:
-        """Client k's -c: each of its paths, by address."""
-        return ",".join(":".join(_path_ips(k, i)) for i in range(self.npaths))
+        """Client k's -c: each of its paths by interface (as a robot names its
+        modems), following the interface's address."""
+        return ",".join(f"c{i}:{_path_ips(k, i)[1]}" for i in range(self.npaths))
+
+    def move(self, k: int, i: int, host: int) -> str:
+        """Client k's path i takes another address in its /24 (a modem that
+        re-attached): the new address."""
+        old, _ = _path_ips(k, i)
+        new = f"{old.rsplit('.', 1)[0]}.{host}"
+        with IPRoute(netns=self.clients[k]) as ipr:
+            index = ipr.link_lookup(ifname=f"c{i}")[0]
+            # The old one first: a primary address takes its subnet's
+            # secondaries with it when it goes (promote_secondaries is off).
+            ipr.addr("del", index=index, address=old, prefixlen=24)
+            ipr.addr("add", index=index, address=new, prefixlen=24)
+        return new
 
     def forwarding(self, on: bool) -> None:
         """IPv4 forwarding in the server's namespace (client to client)."""
