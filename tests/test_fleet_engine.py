@@ -221,3 +221,18 @@ def test_status_and_metrics_name_each_peer(engine):
     assert {s.labels["peer"] for s in families["multitun_handshakes"].samples} == {
         "robot7", "robot8"}
     assert families["multitun_handshake_unknown_key"].samples[0].value == 0
+
+
+def test_a_fleet_raises_its_file_limit():
+    # A peer whose paths are paced has a timer fd: a fleet takes the hard
+    # limit as its soft one (in a child, so this process keeps its own).
+    import subprocess
+    import sys
+    code = ("import resource; from multitun.system import fds_for; "
+            "soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE); "
+            "resource.setrlimit(resource.RLIMIT_NOFILE, (64, hard)); fds_for(0); "
+            "print(resource.getrlimit(resource.RLIMIT_NOFILE)[0]); fds_for(100); "
+            "print(resource.getrlimit(resource.RLIMIT_NOFILE) == (hard, hard))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True).stdout.split()
+    assert out == ["64", "True"]

@@ -212,8 +212,6 @@ cdef class Engine:
         cdef bint shaping = peer.shaper.paced != 0
         for i in range(b.n):
             p = <uint8_t *>b.iov[i].iov_base
-            peer.c.routed_packets += 1
-            peer.c.routed_bytes += b.iov[i].iov_len
             if shaping:
                 b.flow[kept] = fq_flow_of(p, b.iov[i].iov_len, peer.shaper.key)
             p -= HEADER_LEN
@@ -221,6 +219,8 @@ cdef class Engine:
             if n == 0:
                 self.ctr.no_key += 1
                 continue
+            peer.c.routed_packets += 1
+            peer.c.routed_bytes += b.iov[i].iov_len
             b.iov[kept].iov_base = p
             b.iov[kept].iov_len = n
             kept += 1

@@ -8,8 +8,9 @@
 
 
 cdef struct PeerCounters:
-    # Packets from the TUN routed to this peer (by allowed IPs on a fleet
-    # server; every packet otherwise).
+    # Packets from the TUN sent to this peer (by allowed IPs on a fleet
+    # server; every packet otherwise), once framed: not those dropped for
+    # want of keys.
     uint64_t routed_packets
     uint64_t routed_bytes
     # First copies from this peer written to the TUN.
