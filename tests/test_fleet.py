@@ -165,8 +165,8 @@ def test_one_client_roaming_costs_no_one_anything(fleet3):
 
 def test_sighup_adds_and_removes_peers_while_others_stream(tmp_path):
     with FleetBed(4) as bed, Fleet(bed, tmp_path) as fleet:
-        # Three peers at first: robot3's client runs, but the server does
-        # not know it yet.
+        # Four peers at first; a reload then removes robot3, whose client
+        # keeps running.
         fleet.wait_log("server", "a fleet of 4 peers")  # SIGHUP is taken from here on
         fleet.write_peers({k: fleet.keys[k] for k in range(3)})
         fleet.reload()

@@ -12,7 +12,8 @@ cdef struct ReturnAddress:
 
 
 cdef struct ControlPacket:
-    # -1: a fleet server's handshake, whose peer the keying finds.
+    # -1: a first message to a fleet server, whose peer is found by the
+    # fingerprint it claims (multitun/peers.py) and proved by the keying.
     int peer
     int path
     uint64_t rx_ns

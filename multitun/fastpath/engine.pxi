@@ -279,8 +279,9 @@ cdef class Engine:
         """The queued control packets, oldest first, as (peer, path, rx_ns,
         datagram, source, reply_to): probe replies (opened, in sealed mode)
         and handshakes. ``peer`` is -1 for a first message to a fleet server
-        (the keying finds its peer). ``source`` is the sender's (host, port);
-        ``reply_to`` is a token for send_back()."""
+        (multitun/peers.py finds its peer by the fingerprint it claims).
+        ``source`` is the sender's (host, port); ``reply_to`` is a token for
+        send_back()."""
         return self.control.take()
 
     def send_control(self, int path, const uint8_t[:] datagram, int peer=0):

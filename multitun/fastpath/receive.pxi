@@ -119,8 +119,9 @@ cdef class Receiver:
                     sock, h.path, m) < 0:
                 self.ctr.unknown_source += 1
                 return
-            # A first message's key id is new: on a fleet server, the keying
-            # finds its peer by the key it proves (multitun/keying.py).
+            # A first message's key id is new: on a fleet server, its peer is
+            # found by the fingerprint it claims (multitun/peers.py), and the
+            # keying proves it.
             peer = -1 if self.peers.fleet else 0
             self.control.push(peer, h.path, p, n, now, self.paths.socks[sock], m)
             return
