@@ -18,6 +18,8 @@ class ReplayWindow:
     def check_many(self, seqs: Buffer) -> int: ...
 
 URGENT: int
+FLOW_SETS: int
+FLOW_WAYS: int
 
 class FairQueue:
     dropped: int

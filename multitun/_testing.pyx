@@ -20,7 +20,8 @@ from .fastpath.aead cimport aead, new_cipher, sequence_nonce
 from .fastpath.routes cimport RouteTable, route_add, route_find, routes_alloc, routes_free
 from .fastpath.keyindex cimport KeyIndex, keyindex_add, keyindex_alloc, keyindex_find, keyindex_free
 from .fastpath.flowqueue cimport (
-    FQ_URGENT, FlowQueue, QPacket, fq_clear, fq_dequeue, fq_enqueue, fq_flow_of, fq_init,
+    FQ_SETS, FQ_URGENT, FQ_WAYS, FlowQueue, QPacket, fq_clear, fq_dequeue, fq_enqueue,
+    fq_flow_of, fq_init,
     qpacket_data,
 )
 
@@ -180,7 +181,8 @@ cdef class FairQueue:
             free(self.fq)
 
     def flow_of(self, const uint8_t[:] packet):
-        """The bucket a packet goes to (FQ_URGENT for an urgent DSCP)."""
+        """The flow tag of a packet (URGENT for an urgent DSCP); the flow's
+        set of buckets is its tag modulo FLOW_SETS."""
         return fq_flow_of(&packet[0], packet.shape[0], self.key)
 
     def enqueue(self, const uint8_t[:] packet, uint64_t now_ns):
@@ -210,6 +212,8 @@ cdef class FairQueue:
 
 
 URGENT = FQ_URGENT
+FLOW_SETS = FQ_SETS
+FLOW_WAYS = FQ_WAYS
 
 
 def route_lookup(routes, addresses, uint64_t key=0x5EED):

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from multitun._testing import URGENT, FairQueue
+from multitun._testing import FLOW_SETS, FLOW_WAYS, URGENT, FairQueue
 from multitun.lab.engine_pair import seq_of, udp4
 
 MS = 1_000_000
@@ -78,14 +78,43 @@ def test_the_urgent_band_cannot_starve_the_flows():
     assert [seq_of(q.dequeue(0)) for _ in range(10)] == list(range(10))
 
 
-def test_flows_spread_over_the_buckets():
-    # Ports one apart must not share a bucket more than chance says (a hash
-    # whose top bits ignore the last byte put every such pair together).
+def test_flows_spread_over_the_sets():
+    # Ports one apart must not share a set of buckets more than chance says
+    # (a hash whose top bits ignore the last byte put every such pair
+    # together): 64 flows in 128 sets fill about 50.
     q = FairQueue(key=12345)
-    buckets = {q.flow_of(udp4(40000, 9000 + i)) for i in range(64)}
-    assert len(buckets) >= 48
-    assert q.flow_of(udp4(40000, 9010)) != q.flow_of(udp4(40000, 9011)) or \
-        q.flow_of(udp4(40001, 9010)) != q.flow_of(udp4(40001, 9011))
+    sets = {q.flow_of(udp4(40000, 9000 + i)) % FLOW_SETS for i in range(64)}
+    assert len(sets) >= 40
+    assert q.flow_of(udp4(40000, 9010)) % FLOW_SETS != q.flow_of(udp4(40000, 9011)) % FLOW_SETS \
+        or q.flow_of(udp4(40001, 9010)) % FLOW_SETS != q.flow_of(udp4(40001, 9011)) % FLOW_SETS
+
+
+def test_flows_of_one_set_keep_buckets_of_their_own():
+    # Set-associative buckets: up to FLOW_WAYS flows whose tags fall in one
+    # set each get a bucket, even flows that plain hashing into as many
+    # buckets would put in one. The sparse one goes first, and the bulk ones
+    # share the path evenly (one bucket for all would be neither).
+    q = FairQueue(key=777)
+    ports, want = [], None
+    for port in range(1000, 65536):
+        s = q.flow_of(udp4(port, 80)) % (FLOW_SETS * FLOW_WAYS)
+        if want is None:
+            want = s
+        if s == want:
+            ports.append(port)
+        if len(ports) == FLOW_WAYS:
+            break
+    *bulk, sparse = ports
+    for i in range(30):
+        for port in bulk:
+            q.enqueue(udp4(port, 80, seq=i), 0)
+    for _ in range(2 * len(bulk)):  # each bulk flow spends its first quantum
+        q.dequeue(0)
+    q.enqueue(udp4(sparse, 80, size=100, seq=999), MS)
+    first = q.dequeue(MS)
+    assert seq_of(first) == 999 and len(first) == 100
+    sent = [struct.unpack_from("!H", q.dequeue(MS), 20)[0] for _ in range(10 * len(bulk))]
+    assert all(9 <= sent.count(port) <= 11 for port in bulk), sent
 
 
 def test_overflow_drops_from_the_fattest_flow():

@@ -17,11 +17,19 @@ from libc.string cimport memcpy, memset
 from .codel cimport CoDel, codel_control_law, codel_enter, codel_ok_to_drop
 
 cdef enum:
-    # Flow buckets per path (fq_codel's default is 1024; a path of a tunnel
-    # carries far fewer flows than a router's link). A power of two.
-    FQ_FLOWS = 256
-    # The bucket of the urgent band (not a hashed flow).
-    FQ_URGENT = FQ_FLOWS
+    # Flow buckets per path (fq_codel's default, RFC 8290 section 5.1), in
+    # sets of FQ_WAYS, as CAKE has them: a flow takes a free way of its set,
+    # so two flows share a bucket only when more than FQ_WAYS of them are
+    # queued in one set at once. With plain hashing, a sparse flow (control)
+    # sharing a bucket with bulk (video) would lose its priority, and take
+    # its share of CoDel's drops, in one run in FQ_FLOWS.
+    FQ_FLOWS = 1024
+    FQ_WAYS = 8
+    # FQ_FLOWS / FQ_WAYS (written out: Cython crashes on a division of enum
+    # members here).
+    FQ_SETS = 128
+    # The flow tag of the urgent band (no hashed flow has it).
+    FQ_URGENT = 0
     # A flow's deficit is refilled by this many bytes (RFC 8290 section
     # 4.1: one MTU-sized packet).
     FQ_QUANTUM = 1514
@@ -42,6 +50,8 @@ cdef struct QPacket:
 
 
 cdef struct Flow:
+    # The flow's tag (fq_flow_of) while the bucket is its.
+    uint32_t tag
     QPacket *head
     QPacket *tail
     uint32_t backlog
@@ -53,7 +63,8 @@ cdef struct Flow:
 
 
 cdef struct FlowQueue:
-    Flow flows[FQ_FLOWS + 1]
+    Flow flows[FQ_FLOWS]
+    Flow urgent
     Flow *new_head
     Flow *new_tail
     Flow *old_head
@@ -87,7 +98,7 @@ cdef inline void fq_init(FlowQueue *fq, uint64_t target_ns, uint64_t interval_ns
 
 
 cdef inline uint32_t fq_flow_of(const uint8_t *p, size_t n, uint64_t key) noexcept nogil:
-    """The flow bucket of IP packet p[:n]: a keyed hash of its addresses,
+    """The flow tag of IP packet p[:n]: a keyed hash of its addresses,
     protocol and ports (the ports only where they are there: TCP, UDP,
     UDP-Lite, SCTP, DCCP, and not a later IPv4 fragment), or FQ_URGENT for
     an urgent DSCP."""
@@ -122,7 +133,29 @@ cdef inline uint32_t fq_flow_of(const uint8_t *p, size_t n, uint64_t key) noexce
     h ^= h >> 33
     h *= 0xC4CEB9FE1A85EC53ULL
     h ^= h >> 33
-    return <uint32_t>h & (FQ_FLOWS - 1)
+    return <uint32_t>h if <uint32_t>h != FQ_URGENT else 1
+
+
+cdef inline Flow *fq_bucket(FlowQueue *fq, uint32_t tag) noexcept nogil:
+    """The bucket of flow ``tag``: the way of its set that it has, else a
+    free one (with CoDel's state afresh), else, every way busy with other
+    flows, the one its tag picks (as plain hashing would)."""
+    cdef uint32_t base = (tag & (FQ_SETS - 1)) * FQ_WAYS, w
+    cdef Flow *f
+    cdef Flow *free_way = NULL
+    if tag == FQ_URGENT:
+        return &fq.urgent
+    for w in range(FQ_WAYS):
+        f = &fq.flows[base + w]
+        if f.tag == tag:
+            return f
+        if free_way == NULL and f.head == NULL and f.listed == 0:
+            free_way = f
+    if free_way != NULL:
+        free_way.tag = tag
+        memset(&free_way.codel, 0, sizeof(CoDel))
+        return free_way
+    return &fq.flows[base + (tag >> 24) % FQ_WAYS]
 
 
 cdef inline void _append(Flow **head, Flow **tail, Flow *f, uint8_t which) noexcept nogil:
@@ -165,9 +198,9 @@ cdef inline void _drop(FlowQueue *fq, QPacket *q) noexcept nogil:
 cdef inline void _drop_from_fattest(FlowQueue *fq) noexcept nogil:
     # RFC 8290 section 4.1.1: the flow with the largest backlog loses its
     # oldest packet (a scan, but only on overflow).
-    cdef Flow *fat = &fq.flows[0]
+    cdef Flow *fat = &fq.urgent
     cdef uint32_t i
-    for i in range(1, FQ_FLOWS + 1):
+    for i in range(FQ_FLOWS):
         if fq.flows[i].backlog > fat.backlog:
             fat = &fq.flows[i]
     _drop(fq, _take_head(fq, fat))
@@ -175,8 +208,9 @@ cdef inline void _drop_from_fattest(FlowQueue *fq) noexcept nogil:
 
 cdef inline bint fq_enqueue(FlowQueue *fq, uint32_t flow, const uint8_t *data, uint32_t n,
                             uint64_t now) noexcept nogil:
-    """Queue a copy of data[:n] on bucket ``flow``; False if no memory."""
-    cdef Flow *f = &fq.flows[flow]
+    """Queue a copy of data[:n] for flow ``flow`` (a tag); False if no
+    memory."""
+    cdef Flow *f = fq_bucket(fq, flow)
     cdef QPacket *q = <QPacket *>malloc(sizeof(QPacket) + n)
     if q == NULL:
         fq.dropped += 1
@@ -193,7 +227,7 @@ cdef inline bint fq_enqueue(FlowQueue *fq, uint32_t flow, const uint8_t *data, u
     f.backlog += n
     fq.packets += 1
     fq.bytes += n
-    if flow != FQ_URGENT and f.listed == 0:
+    if f != &fq.urgent and f.listed == 0:
         # A flow with nothing queued is new, and sparse until it has used
         # a quantum (RFC 8290 section 4.1).
         f.deficit = FQ_QUANTUM
@@ -250,7 +284,7 @@ cdef inline QPacket *fq_dequeue(FlowQueue *fq, uint64_t now) noexcept nogil:
     cdef QPacket *q
     cdef bint from_new
     if fq.urgent_deficit > 0:
-        q = _take_head(fq, &fq.flows[FQ_URGENT])
+        q = _take_head(fq, &fq.urgent)
         if q != NULL:
             fq.urgent_deficit -= <int>q.len
             return q
@@ -262,7 +296,7 @@ cdef inline QPacket *fq_dequeue(FlowQueue *fq, uint64_t now) noexcept nogil:
             f = fq.old_head
         else:
             # Nothing but the urgent band, if that.
-            q = _take_head(fq, &fq.flows[FQ_URGENT])
+            q = _take_head(fq, &fq.urgent)
             if q != NULL:
                 fq.urgent_deficit -= <int>q.len
             return q
@@ -294,22 +328,28 @@ cdef inline uint64_t fq_head_sojourn(FlowQueue *fq, uint64_t now) noexcept nogil
     for the control plane's status, not per packet)."""
     cdef uint64_t oldest = now
     cdef uint32_t i
-    for i in range(FQ_FLOWS + 1):
+    for i in range(FQ_FLOWS):
         if fq.flows[i].head != NULL and fq.flows[i].head.enqueued_ns < oldest:
             oldest = fq.flows[i].head.enqueued_ns
+    if fq.urgent.head != NULL and fq.urgent.head.enqueued_ns < oldest:
+        oldest = fq.urgent.head.enqueued_ns
     return now - oldest
+
+
+cdef inline void _flush(FlowQueue *fq, Flow *f) noexcept nogil:
+    cdef QPacket *q = _take_head(fq, f)
+    while q != NULL:
+        _drop(fq, q)
+        q = _take_head(fq, f)
+    f.listed = 0
+    f.next = NULL
+    memset(&f.codel, 0, sizeof(CoDel))
 
 
 cdef inline void fq_clear(FlowQueue *fq) noexcept nogil:
     """Drop everything queued (the path is gone); counted as dropped."""
     cdef uint32_t i
-    cdef QPacket *q
-    for i in range(FQ_FLOWS + 1):
-        q = _take_head(fq, &fq.flows[i])
-        while q != NULL:
-            _drop(fq, q)
-            q = _take_head(fq, &fq.flows[i])
-        fq.flows[i].listed = 0
-        fq.flows[i].next = NULL
-        memset(&fq.flows[i].codel, 0, sizeof(CoDel))
+    for i in range(FQ_FLOWS):
+        _flush(fq, &fq.flows[i])
+    _flush(fq, &fq.urgent)
     fq.new_head = fq.new_tail = fq.old_head = fq.old_tail = NULL
