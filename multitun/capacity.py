@@ -47,7 +47,9 @@ BBR anchors its pacing to the delivery rate; Cardwell et al., ACM Queue
   (ours would drain by a twentieth of the rate a second at least): the base rose
   (a new route), or others hold the bottleneck's queue, which our backing
   off would not drain. The window restarts from the current sample instead
-  of pacing the path down to nothing.
+  of pacing the path down to nothing. The stretch is judged from the queue's
+  highest point: while it still rises, what was sent before the pacing is
+  still arriving.
 
 A --rate cap paces the path at no more than the cap, always.
 """
@@ -176,7 +178,13 @@ class PathCapacity:
                 # minimum was (the window's minimum starts again from it).
                 owd.clear()
                 owd.append((now_ns, owd_ns))
-        if self._draining is not None and now_ns - self._draining[0] >= rtt_ns + STUCK_NS:
+        if self._draining is not None and self.queue_delay_ns > self._draining[1]:
+            # Still rising: the feedback lags by the queue itself, so what
+            # was sent before the pacing is still arriving. The stretch is
+            # judged from the highest point (else a path paced into a
+            # filling modem took the top of the fill for its base).
+            self._draining = (now_ns, self.queue_delay_ns)
+        elif self._draining is not None and now_ns - self._draining[0] >= rtt_ns + STUCK_NS:
             if self.queue_delay_ns >= self._draining[1] - FALLING_NS:
                 owd.clear()
                 owd.append((now_ns, owd_ns))
