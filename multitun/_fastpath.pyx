@@ -65,6 +65,10 @@ from .fastpath.coalesce cimport (
 from .fastpath.addresses cimport gro_segment_size, same_addr, sticky_source
 from .fastpath.batch cimport Batch, add_packet, next_packet
 from .fastpath.limiter cimport SourceLimiter, limiter_allow
+from .fastpath.addresstoken cimport (
+    TOKEN_EPOCH_NS, AddressCheck, address_check_free, address_check_init, address_token,
+    loaded, token_valid, under_load,
+)
 from .fastpath.codel cimport CODEL_INTERVAL_NS, CODEL_TARGET_NS
 from .fastpath.routes cimport (
     ROUTE_NONE, RouteFamily, RouteTable, route_add, route_of_packet, routes_alloc,
@@ -108,6 +112,8 @@ CONSTANTS = {
     "KEY_LEN": KEY_LEN, "TAG_LEN": TAG_LEN,
     "HANDSHAKE_INIT_LEN": HANDSHAKE_INIT_LEN, "HANDSHAKE_RESPONSE_LEN": HANDSHAKE_RESPONSE_LEN,
     "HANDSHAKE_COOKIE_LEN": HANDSHAKE_COOKIE_LEN,
+    "T_HANDSHAKE_RETRY": T_HANDSHAKE_RETRY, "HANDSHAKE_RETRY_LEN": HANDSHAKE_RETRY_LEN,
+    "RETRY_ECHO_LEN": RETRY_ECHO_LEN,
     "MAX_DATAGRAM": MAX_DATAGRAM,
 }
 

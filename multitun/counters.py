@@ -26,6 +26,8 @@ TUNNEL_COUNTERS = {
     "no_route": "Packets from the TUN device to an address in no peer's allowed IPs, dropped",
     "control_dropped": "Control packets dropped while the control queue was full",
     "handshakes_shed": "Handshake messages over their source's rate, dropped before the control plane",
+    "handshake_retries": "First messages answered with a RETRY under load (their source had "
+                         "not proved its address), never seen by the control plane",
     "session_changes": "Times the peer's session changed (the peer started or restarted)",
     "endpoint_changes": "Times a path's endpoint was learned or moved",
     "auth_failed": "Sealed packets that failed authentication, dropped",

@@ -14,6 +14,12 @@ handshake every REKEY_AFTER_S, or when nothing authentic arrived for
 SILENCE_S (the server restarted, or every path failed), retrying every RETRY_S
 until answered. Keys older than REJECT_AFTER_S are dropped on both sides.
 
+A server under a flood of first messages asks their senders to prove their
+addresses first (multitun/fastpath/addresstoken.pxd): it answers with a RETRY
+that carries a token for the address, and the client sends the same message
+again, with the token, on that path (and with it, on that path, for as long as
+it is valid).
+
 First messages carry a single-use ticket from the server (multitun/tickets.py):
 a recorded first message replayed later carries a used or stale one and gets
 no keys. A client without a fresh ticket is sent one in a cookie and tries
@@ -46,6 +52,9 @@ COPIES_S = 2.0
 HANDSHAKES_PER_S = 20.0
 HANDSHAKE_BURST = 20
 UNANSWERED_LOG_S = 10.0
+# A server's address token is valid for 120 to 240 seconds from when it was
+# made (addresstoken.pxd); a client uses one for a little less.
+TOKEN_KEEP_S = 110.0
 
 _PROLOGUE = b"multitun protocol 2, key id "
 _FINGERPRINT_INFO = b"multitun key fingerprint "
@@ -66,8 +75,11 @@ def prologue(key_id: int, fingerprint: bytes) -> bytes:
     return _PROLOGUE + key_id.to_bytes(4, "big") + fingerprint
 
 
-def _message(ptype: wire.PacketType, path: int, key_id: int, body: bytes) -> bytes:
-    return wire.pack_header(ptype, path, key_id, 0, wire.VERSION_SEALED) + body
+def _message(ptype: wire.PacketType, path: int, key_id: int, body: bytes,
+             token: int = 0) -> bytes:
+    # A first message's sequence field carries the server's address token
+    # for its path, if the client holds one; it is not part of the handshake.
+    return wire.pack_header(ptype, path, key_id, token, wire.VERSION_SEALED) + body
 
 
 @dataclass
@@ -158,17 +170,23 @@ class _Pending:
     initiator: Initiator
     key_id: int
     sent_at: float
-    # The first message's ephemeral public key: a cookie for it is sealed to it.
+    # What follows the header: sent again, with a token, after a RETRY.
+    body: bytes
+    # The first message's ephemeral public key: a cookie for it is sealed to
+    # it, and a RETRY for it echoes its start.
     ephemeral: bytes
     # It carried a ticket: the server may answer it with keys (without, only
     # with a cookie).
     ticketed: bool
     # The server answered it (refusing the cipher, say): its ticket is fresh.
     answered: bool = False
+    # Paths it was sent again on with a token: once each, whatever comes.
+    retried: set[int] = field(default_factory=set)
 
 
 class ClientKeying(Keying):
-    handshake_types = (wire.PacketType.HANDSHAKE_RESPONSE, wire.PacketType.HANDSHAKE_COOKIE)
+    handshake_types = (wire.PacketType.HANDSHAKE_RESPONSE, wire.PacketType.HANDSHAKE_COOKIE,
+                       wire.PacketType.HANDSHAKE_RETRY)
 
     def __init__(self, engine: Engine, psk: bytes, cipher: str = ciphers.AUTO) -> None:
         super().__init__(engine, psk, cipher)
@@ -178,6 +196,8 @@ class ClientKeying(Keying):
         self.earlier: _Pending | None = None
         self.first_attempt: float | None = None
         self.next_unanswered_log = 0.0
+        # The server's address token for each path, and when it came.
+        self.tokens: dict[int, tuple[int, float]] = {}
 
     def tick(self, now: float) -> None:
         super().tick(now)
@@ -213,14 +233,16 @@ class ClientKeying(Keying):
         message = initiator.write_init(self.ticket + ciphers.offer(self.cipher, self.has_aes))
         body = self.fingerprint + message
         self.earlier = self.pending
-        self.pending = _Pending(initiator, key_id, now, message[:noise.DHLEN],
+        self.pending = _Pending(initiator, key_id, now, body, message[:noise.DHLEN],
                                 self.ticket != tickets.NONE)
         if self.first_attempt is None:
             self.first_attempt = now
         for p in self.engine.paths():
             if p["active"]:
+                token, at = self.tokens.get(p["path"], (0, 0.0))
                 self.engine.send_control(p["path"], _message(
-                    wire.PacketType.HANDSHAKE_INIT, p["path"], key_id, body))
+                    wire.PacketType.HANDSHAKE_INIT, p["path"], key_id, body,
+                    token if now - at < TOKEN_KEEP_S else 0))
         log.debug("handshake %08x sent", key_id)
 
     def _on_handshake(self, path: int, datagram: bytes, source: tuple | None,
@@ -242,6 +264,10 @@ class ClientKeying(Keying):
                 # second's on the server after we took the second's.
                 return False
             return self._on_cookie(pending, datagram, source, now)
+        if header.type == wire.PacketType.HANDSHAKE_RETRY:
+            if pending is self.pending:
+                self._on_retry(pending, path, datagram, source, now)
+            return False
         try:
             payload = pending.initiator.read_response(datagram[wire.HEADER_LEN:])
         except HandshakeError:
@@ -282,6 +308,23 @@ class ClientKeying(Keying):
                        "cipher": ciphers.NAMES[cipher]})
         return True
 
+
+    def _on_retry(self, pending: _Pending, path: int, datagram: bytes,
+                  source: tuple | None, now: float) -> None:
+        """The server is under load and wants this path's address proved:
+        the same first message goes again on the path, with the token."""
+        if datagram[wire.HEADER_LEN:] != pending.ephemeral[:wire.RETRY_ECHO_LEN]:
+            self._refuse("auth_failed", source)  # made by someone who never saw it
+            return
+        if path in pending.retried:
+            return  # once per path and message: more RETRYs make no more sends
+        pending.retried.add(path)
+        token = wire.peek_header(datagram).seq
+        self.tokens[path] = (token, now)
+        self.engine.send_control(path, _message(
+            wire.PacketType.HANDSHAKE_INIT, path, pending.key_id, pending.body, token))
+        log.debug("handshake %08x: the server is under load; sent again on path %d with "
+                  "its address token", pending.key_id, path)
 
     def _on_cookie(self, pending: _Pending, datagram: bytes, source: tuple | None,
                    now: float) -> bool:

@@ -45,13 +45,20 @@ PROBE_FEEDBACK_PAYLOAD = 32
 # and, sealed, a ticket and the cipher offer (multitun/ciphers.py); an
 # ephemeral public key and, sealed, the cipher choice and a new ticket; a
 # nonce and a sealed ticket (the cookie: a first message's ticket was
-# missing or stale). Each answer is shorter than what it answers.
+# missing or stale). Each answer is shorter than what it answers. A server
+# under load answers a first message whose sender has not yet proved its
+# address with a RETRY instead: an address token in the sequence field, and
+# the first RETRY_ECHO_LEN bytes of the message's ephemeral key, so that only
+# who saw the message can make a RETRY its sender takes. The sender puts the
+# token in its first message's sequence field (docs/PROTOCOL.md).
 NONCE_LEN = 12
 TICKET_LEN = 24
 FINGERPRINT_LEN = 8
 HANDSHAKE_INIT_LEN = HEADER_LEN + FINGERPRINT_LEN + 32 + TICKET_LEN + 1 + TAG_LEN
 HANDSHAKE_RESPONSE_LEN = HEADER_LEN + 32 + 1 + TICKET_LEN + TAG_LEN
 HANDSHAKE_COOKIE_LEN = HEADER_LEN + NONCE_LEN + TICKET_LEN + TAG_LEN
+RETRY_ECHO_LEN = 16
+HANDSHAKE_RETRY_LEN = HEADER_LEN + RETRY_ECHO_LEN
 
 _HEADER = struct.Struct("!BBBBIQ")
 _PROBE_PAYLOAD = struct.Struct("!QQ")
@@ -65,6 +72,7 @@ class PacketType(enum.IntEnum):
     HANDSHAKE_INIT = 4  # version 2 only
     HANDSHAKE_RESPONSE = 5  # version 2 only
     HANDSHAKE_COOKIE = 6  # version 2 only
+    HANDSHAKE_RETRY = 7  # version 2 only
 
 
 class Header(NamedTuple):
@@ -132,6 +140,7 @@ def _check_sealed_length(ptype: int, n: int) -> None:
         PacketType.HANDSHAKE_INIT: (HANDSHAKE_INIT_LEN, HANDSHAKE_INIT_LEN),
         PacketType.HANDSHAKE_RESPONSE: (HANDSHAKE_RESPONSE_LEN, HANDSHAKE_RESPONSE_LEN),
         PacketType.HANDSHAKE_COOKIE: (HANDSHAKE_COOKIE_LEN, HANDSHAKE_COOKIE_LEN),
+        PacketType.HANDSHAKE_RETRY: (HANDSHAKE_RETRY_LEN, HANDSHAKE_RETRY_LEN),
     }.get(ptype)
     if limits is None:
         raise MalformedPacket(f"type {ptype}")

@@ -44,6 +44,8 @@ def test_constants_agree():
         "HANDSHAKE_COOKIE_LEN": wire.HANDSHAKE_COOKIE_LEN,
         "T_HANDSHAKE_COOKIE": wire.PacketType.HANDSHAKE_COOKIE, "TICKET_LEN": wire.TICKET_LEN,
         "FINGERPRINT_LEN": wire.FINGERPRINT_LEN, "MAX_DATAGRAM": wire.MAX_DATAGRAM,
+        "T_HANDSHAKE_RETRY": wire.PacketType.HANDSHAKE_RETRY,
+        "HANDSHAKE_RETRY_LEN": wire.HANDSHAKE_RETRY_LEN, "RETRY_ECHO_LEN": wire.RETRY_ECHO_LEN,
     }
 
 
@@ -94,9 +96,12 @@ CASES = [
     (28, SEALED(wire.PacketType.HANDSHAKE_INIT) + bytes(82), False),  # exact sizes only
     (29, SEALED(wire.PacketType.HANDSHAKE_RESPONSE) + bytes(73), True),
     (30, SEALED(wire.PacketType.HANDSHAKE_RESPONSE) + bytes(81), False),
-    (31, SEALED(7) + bytes(48), False),                                # unknown type
+    (31, SEALED(8) + bytes(48), False),                                # unknown type
     (32, SEALED(wire.PacketType.HANDSHAKE_COOKIE) + bytes(52), True),
     (33, SEALED(wire.PacketType.HANDSHAKE_COOKIE) + bytes(51), False),
+    (34, SEALED(wire.PacketType.HANDSHAKE_RETRY) + bytes(16), True),
+    (35, SEALED(wire.PacketType.HANDSHAKE_RETRY) + bytes(17), False),
+    (36, wire.pack_header(wire.PacketType.HANDSHAKE_RETRY, 0, 1, 5) + bytes(16), False),  # v1
 ]
 
 

@@ -2,15 +2,18 @@
 the client's and the server's sides of real handshakes, rekeying, expiry,
 replay and rate limits. No root needed."""
 
+import contextlib
 import os
+import socket
 import time
 
 import pytest
 
 from multitun import keying, tickets, wire
+from multitun._fastpath import Engine
 from multitun.keying import ClientKeying, ServerKeying
 
-from multitun.lab.engine_pair import EnginePair, ipv4
+from multitun.lab.engine_pair import EnginePair, ipv4, listening_server
 
 PSK = os.urandom(32)
 
@@ -380,3 +383,71 @@ def test_cookies_for_both_copies_of_a_first_message_make_one_handshake():
         assert slots(a) == slots(b) == {"current": a.stats()["key_id"]}
     finally:
         e.close()
+
+
+def test_a_client_proves_its_address_to_a_server_under_load(monkeypatch):
+    """A server under load (addresstoken.pxd) answers the client's first
+    message with a RETRY; the client sends it again with the token, then
+    follows the cookie, carrying the token on that path, and connects. A
+    RETRY that does not echo its message is refused; a second one for the
+    same path sends nothing more."""
+    with listening_server() as (server_engine, address), contextlib.ExitStack() as stack:
+        sock = stack.enter_context(socket.socket(socket.AF_INET, socket.SOCK_DGRAM))
+        tun = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+        for s in tun:
+            stack.enter_context(s)
+        sock.bind(("127.0.0.1", 0))
+        sock.connect(address)
+        engine = Engine(tun[0].fileno(), [sock.fileno()], False, 0x3000, keyed=True)
+        engine.set_remote(0, socket.inet_aton(address[0]), address[1], True)
+        client = ClientKeying(engine, PSK)
+        server = ServerKeying(server_engine, PSK)
+        now = 1000.0
+        for i in range(1, 6):  # 100 first messages from elsewhere: under load
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as other:
+                other.bind((f"127.0.1.{i}", 0))
+                for _ in range(20):
+                    other.sendto(wire.pack_header(wire.PacketType.HANDSHAKE_INIT, 0, 99, 0,
+                                                  wire.VERSION_SEALED)
+                                 + os.urandom(wire.HANDSHAKE_INIT_LEN - wire.HEADER_LEN),
+                                 address)
+            server_engine.run(0)
+            server_engine.take_control()
+
+        def step() -> list[int]:
+            """Both ends' turn; the types the client's keying was handed."""
+            server_engine.run(0)
+            for _, path, _, datagram, source, reply_to in server_engine.take_control():
+                server.on_control(path, datagram, source, reply_to, now)
+            engine.run(0)
+            taken = engine.take_control()
+            for _, path, _, datagram, source, reply_to in taken:
+                client.on_control(path, datagram, source, reply_to, now)
+            return [wire.peek_header(c[3]).type for c in taken]
+
+        client.tick(now)
+        assert step() == [wire.PacketType.HANDSHAKE_RETRY]
+        assert server.rejected.cookies == 0  # the keying has seen nothing yet
+        token = client.tokens[0][0]
+        assert step() == [wire.PacketType.HANDSHAKE_COOKIE]
+        assert step() == [wire.PacketType.HANDSHAKE_RESPONSE]
+        assert server.handshakes == client.handshakes == 1
+        # Only the first message without a token was sent a RETRY.
+        assert server_engine.stats()["handshake_retries"] == 1
+
+        monkeypatch.setattr(keying, "REKEY_AFTER_S", 0.0)
+        client.tick(now + 1)  # a rekey: the token goes along
+        pending = client.pending
+        retry = wire.pack_header(wire.PacketType.HANDSHAKE_RETRY, 0, pending.key_id, token,
+                                 wire.VERSION_SEALED)
+        forged = retry + os.urandom(wire.RETRY_ECHO_LEN)
+        assert not client.on_control(0, forged, None, None, now)
+        assert client.rejected.auth_failed == 1 and client.tokens[0][0] == token
+        genuine = retry + pending.ephemeral[:wire.RETRY_ECHO_LEN]
+        client.on_control(0, genuine, None, None, now)
+        client.on_control(0, genuine, None, None, now)
+        assert pending.retried == {0}
+        server_engine.run(0)
+        inits = server_engine.take_control()
+        # The rekey's first message and one resend: a RETRY storm makes no more.
+        assert [wire.peek_header(c[3]).seq for c in inits] == [token, token]

@@ -16,7 +16,7 @@ from multitun import _testing, wire
 from multitun._fastpath import Engine
 from multitun.ciphers import CIPHERS
 
-from multitun.lab.engine_pair import KEY_ID, EnginePair, ipv4, session_keys
+from multitun.lab.engine_pair import KEY_ID, EnginePair, ipv4, listening_server, session_keys
 
 
 AEADS = {CIPHERS["aes-256-gcm"]: AESGCM, CIPHERS["chacha20-poly1305"]: ChaCha20Poly1305}
@@ -324,36 +324,25 @@ def test_handshake_messages_go_up_with_where_they_came_from(pair):
         with pytest.raises(ValueError):
             b.send_back(forged, b"x")
     # Many more (a server takes them from anywhere; from 15 loopback
-    # addresses, since one address's are shed past 20): the first token is
-    # too old now.
+    # addresses, since one address's are shed past 20; responses, which a
+    # server passes up for the keying to ignore, since that many first
+    # messages would put it under load): the first token is too old now.
+    response = wire.pack_header(wire.PacketType.HANDSHAKE_RESPONSE, 0, 99, 0,
+                                wire.VERSION_SEALED)
     with listening_server() as (server, address):
         tokens = []
         for i in range(15):
             with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
                 s.bind((f"127.0.0.{i + 2}", 0))
                 for _ in range(20):
-                    s.sendto(init + os.urandom(wire.HANDSHAKE_INIT_LEN - wire.HEADER_LEN),
-                             address)
+                    s.sendto(response + os.urandom(wire.HANDSHAKE_RESPONSE_LEN
+                                                   - wire.HEADER_LEN), address)
             server.run(0)
             tokens += [c[5] for c in server.take_control()]
         assert len(tokens) == 300
         assert server.send_back(tokens[-1], b"x") == 0
         with pytest.raises(ValueError):
             server.send_back(tokens[0], b"x")
-
-
-@contextlib.contextmanager
-def listening_server():
-    """A keyed server engine on a loopback socket, and that socket's address."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM | socket.SOCK_NONBLOCK)
-    tun = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
-    try:
-        sock.bind(("127.0.0.1", 0))
-        yield Engine(tun[0].fileno(), [sock.fileno()], True, 0x2000, keyed=True), \
-            sock.getsockname()
-    finally:
-        for s in (sock, *tun):
-            s.close()
 
 
 def test_handshakes_from_one_source_are_shed_past_its_rate():
@@ -379,6 +368,74 @@ def test_handshakes_from_one_source_are_shed_past_its_rate():
             flood.sendto(init + body, address)
         server.run(0)
         assert len(server.take_control()) == 2
+
+
+def _first_messages(source: socket.socket, address: tuple, count: int) -> None:
+    for _ in range(count):
+        source.sendto(wire.pack_header(wire.PacketType.HANDSHAKE_INIT, 0, 99, 0,
+                                       wire.VERSION_SEALED)
+                      + os.urandom(wire.HANDSHAKE_INIT_LEN - wire.HEADER_LEN), address)
+
+
+def test_under_load_a_first_message_must_prove_its_address():
+    """addresstoken.pxd: past 100 first messages at once from all sources,
+    one without its source's token is answered in C with a RETRY and never
+    reaches the control plane; sent again from there with the token, it
+    does; the token is good for that address and port only."""
+    with listening_server() as (server, address), contextlib.ExitStack() as stack:
+        def bound(host: str) -> socket.socket:
+            s = stack.enter_context(socket.socket(socket.AF_INET, socket.SOCK_DGRAM))
+            s.bind((host, 0))
+            s.settimeout(1)
+            return s
+
+        taken = 0
+        for i in range(1, 6):  # the control queue holds 64: take them in turns
+            _first_messages(bound(f"127.0.1.{i}"), address, 20)
+            server.run(0)
+            taken += len(server.take_control())
+        assert taken == 100  # the load meter's burst
+        assert server.stats()["handshake_retries"] == 0
+        client, elsewhere = bound("127.0.2.1"), bound("127.0.2.2")
+        body = os.urandom(wire.HANDSHAKE_INIT_LEN - wire.HEADER_LEN)
+        client.sendto(wire.pack_header(wire.PacketType.HANDSHAKE_INIT, 3, 77, 0,
+                                       wire.VERSION_SEALED) + body, address)
+        server.run(0)
+        assert server.take_control() == [] and server.stats()["handshake_retries"] == 1
+        retry, source = client.recvfrom(100)
+        assert source == address and len(retry) == wire.HANDSHAKE_RETRY_LEN < len(body)
+        h = wire.unpack_header(retry)
+        assert (h.type, h.path, h.session, h.version) == (
+            wire.PacketType.HANDSHAKE_RETRY, 3, 77, wire.VERSION_SEALED)
+        # The echo: the start of the ephemeral key, after the fingerprint.
+        assert retry[wire.HEADER_LEN:] == body[wire.FINGERPRINT_LEN:][:wire.RETRY_ECHO_LEN]
+        again = wire.pack_header(wire.PacketType.HANDSHAKE_INIT, 3, 77, h.seq,
+                                 wire.VERSION_SEALED) + body
+        client.sendto(again, address)
+        server.run(0)
+        ((_, _, _, datagram, _, _),) = server.take_control()
+        assert datagram == again
+        # Another address, or another port of the same one, with that token:
+        # a RETRY of its own, nothing up.
+        port_elsewhere = bound("127.0.2.1")
+        for s in (elsewhere, port_elsewhere):
+            s.sendto(again, address)
+            server.run(0)
+            assert server.take_control() == []
+            theirs = wire.unpack_header(s.recvfrom(100)[0]).seq
+            assert theirs not in (0, h.seq)
+        assert server.stats()["handshake_retries"] == 3
+
+
+def test_a_token_is_not_needed_without_load():
+    with listening_server() as (server, address), \
+            socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind(("127.0.0.1", 0))
+        s.sendto(wire.pack_header(wire.PacketType.HANDSHAKE_INIT, 0, 5, 12345,
+                                  wire.VERSION_SEALED)
+                 + os.urandom(wire.HANDSHAKE_INIT_LEN - wire.HEADER_LEN), address)
+        server.run(0)
+        assert len(server.take_control()) == 1 and server.stats()["handshake_retries"] == 0
 
 
 def test_keys_are_checked_on_install(pair):

@@ -18,6 +18,7 @@ cdef enum:
     T_HANDSHAKE_INIT = 4
     T_HANDSHAKE_RESPONSE = 5
     T_HANDSHAKE_COOKIE = 6
+    T_HANDSHAKE_RETRY = 7
     PROBE_MIN_PAYLOAD = 16
     PROBE_MAX_PAYLOAD = 64
     # A probe with this much payload asks for feedback in the reply: the
@@ -34,13 +35,17 @@ cdef enum:
     # Handshake messages (multitun/noise.py, keying.py, docs/PROTOCOL.md):
     # header + the key's fingerprint + ephemeral key + sealed ticket and
     # cipher offer; header + ephemeral key + sealed cipher choice and new
-    # ticket; header + nonce + sealed ticket. Each answer is shorter than the
-    # first message it answers: no amplification.
+    # ticket; header + nonce + sealed ticket; header (the address token in
+    # its sequence field) + the start of the first message's ephemeral key
+    # (addresstoken.pxd). Each answer is shorter than the first message it
+    # answers: no amplification.
     TICKET_LEN = 24
     FINGERPRINT_LEN = 8
     HANDSHAKE_INIT_LEN = HEADER_LEN + FINGERPRINT_LEN + 32 + TICKET_LEN + 1 + TAG_LEN
     HANDSHAKE_RESPONSE_LEN = HEADER_LEN + 32 + 1 + TICKET_LEN + TAG_LEN
     HANDSHAKE_COOKIE_LEN = HEADER_LEN + NONCE_LEN + TICKET_LEN + TAG_LEN
+    RETRY_ECHO_LEN = 16
+    HANDSHAKE_RETRY_LEN = HEADER_LEN + RETRY_ECHO_LEN
     # The largest UDP payload (RFC 768's 16-bit length less its 8-byte header,
     # less IPv4's 20: what every path can carry in one datagram).
     MAX_DATAGRAM = 65507

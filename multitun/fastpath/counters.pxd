@@ -47,6 +47,9 @@ cdef struct TunnelCounters:
     uint64_t control_dropped
     # Handshake messages over their source's rate (limiter.pxd), dropped.
     uint64_t handshakes_shed
+    # First messages answered with a RETRY (addresstoken.pxd): under load,
+    # from a source that had not proved its address.
+    uint64_t handshake_retries
     uint64_t session_changes
     uint64_t endpoint_changes
     # Sealed mode: failed authentication, and packets of the other mode (a

@@ -64,7 +64,8 @@ cdef class Engine:
         self.peers = Peers(self.pathset, fleet, session, keyed,
                            int.from_bytes(os.urandom(8), "little"), stale_margin_us * 1000)
         self.rx = Receiver(self.tun, self.pathset, self.peers, self.control,
-                           int.from_bytes(os.urandom(8), "little"))
+                           int.from_bytes(os.urandom(8), "little"),
+                           int.from_bytes(os.urandom(8), "little"), os.urandom(32))
         self.rx.ctr = &self.ctr
         self.batch.slots = <uint8_t *>malloc(BATCH * SLOT)
         if self.batch.slots == NULL:

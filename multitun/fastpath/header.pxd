@@ -64,6 +64,8 @@ cdef inline bint sealed_length_fits(uint8_t ptype, size_t n) noexcept nogil:
         return n == HANDSHAKE_RESPONSE_LEN
     if ptype == T_HANDSHAKE_COOKIE:
         return n == HANDSHAKE_COOKIE_LEN
+    if ptype == T_HANDSHAKE_RETRY:
+        return n == HANDSHAKE_RETRY_LEN
     return False
 
 

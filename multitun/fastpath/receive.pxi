@@ -18,14 +18,24 @@ cdef class Receiver:
     # Keys confirmed or a peer session adopted since the engine last looked.
     cdef bint event
     cdef SourceLimiter handshakes
+    # A server's: under load, first messages must prove their address, and
+    # those that did are held to their rate apart from the rest.
+    cdef AddressCheck addresses
+    cdef SourceLimiter proven
 
     def __cinit__(self, Tun tun, Paths paths, Peers peers, ControlQueue control,
-                  uint64_t limiter_key):
+                  uint64_t limiter_key, uint64_t proven_key, const uint8_t[:] token_key):
         self.tun = tun
         self.paths = paths
         self.peers = peers
         self.control = control
         self.handshakes.key = limiter_key
+        self.proven.key = proven_key
+        if not address_check_init(&self.addresses, &token_key[0]):
+            raise MemoryError("libcrypto could not set up the address tokens")
+
+    def __dealloc__(self):
+        address_check_free(&self.addresses)
 
     cdef int from_path(self, int sock) noexcept nogil:
         """What path socket sock has queued: checked, delivered, answered or
@@ -111,8 +121,11 @@ cdef class Receiver:
     cdef void _receive_sealed(self, int sock, Header *h, uint8_t *p, size_t n,
                               msghdr *m, uint64_t now) noexcept nogil:
         cdef int peer
-        if h.ptype >= T_HANDSHAKE_INIT:  # INIT, RESPONSE, COOKIE: the keying's
-            if not limiter_allow(&self.handshakes, <sockaddr_storage *>m.msg_name, now):
+        if h.ptype >= T_HANDSHAKE_INIT:  # the keying's
+            if h.ptype == T_HANDSHAKE_INIT and self.paths.server:
+                if not self._first_message_passes(sock, h, p, m, now):
+                    return
+            elif not limiter_allow(&self.handshakes, <sockaddr_storage *>m.msg_name, now):
                 self.ctr.handshakes_shed += 1
                 return
             if not self.paths.server and (<Peer>self.peers.at[0]).endpoint_for(
@@ -231,6 +244,49 @@ cdef class Receiver:
                 peer.send_one(path, reply, r)
         else:
             self.control.push(peer.index, path, p, n, now, peer.eps[path].fd, m)
+
+    cdef bint _first_message_passes(self, int sock, Header *h, const uint8_t *p, msghdr *m,
+                                    uint64_t now) noexcept nogil:
+        """Whether a first message to this server goes up to the keying.
+
+        Normally each source is held to its rate (limiter.pxd), and what
+        passes is metered. Under load (addresstoken.pxd) the source must
+        first prove its address: one without its token gets a RETRY, always,
+        so that forged sources, which share the limiter's slots with real
+        ones, cannot starve a real client of its token; one with its token
+        is held to its rate among proven sources only."""
+        cdef sockaddr_storage *source = <sockaddr_storage *>m.msg_name
+        if not loaded(&self.addresses, now):
+            if not limiter_allow(&self.handshakes, source, now):
+                self.ctr.handshakes_shed += 1
+                return False
+            if not under_load(&self.addresses, now):
+                return True
+        if not token_valid(&self.addresses, source, h.seq, now):
+            under_load(&self.addresses, now)  # what keeps the load on
+            self._retry(sock, h, p, m, now)
+            return False
+        if not limiter_allow(&self.proven, source, now):
+            self.ctr.handshakes_shed += 1
+            return False
+        return True
+
+    cdef void _retry(self, int sock, Header *h, const uint8_t *p, msghdr *m,
+                     uint64_t now) noexcept nogil:
+        """Answer a first message that has not proved its source address, under
+        load, with a RETRY (addresstoken.pxd): its source's token, and the
+        start of the message's ephemeral key, from the address it was sent to.
+        Shorter than the message: no amplification."""
+        cdef uint8_t retry[HANDSHAKE_RETRY_LEN]
+        cdef uint64_t cmsg[CMSG_WORDS]
+        cdef size_t cmsglen = sticky_source(m, cmsg)
+        put_header(retry, VERSION_SEALED, T_HANDSHAKE_RETRY, h.path, h.session,
+                   address_token(&self.addresses, <sockaddr_storage *>m.msg_name,
+                                 now // TOKEN_EPOCH_NS))
+        memcpy(retry + HEADER_LEN, p + HEADER_LEN + FINGERPRINT_LEN, RETRY_ECHO_LEN)
+        self.ctr.handshake_retries += 1
+        send_datagram(self.paths.socks[sock], <sockaddr_storage *>m.msg_name, m.msg_namelen,
+                      cmsg, cmsglen, retry, HANDSHAKE_RETRY_LEN)
 
     cdef inline void _rejected(self, msghdr *m) noexcept nogil:
         memcpy(&self.rejected_addr, m.msg_name, m.msg_namelen)

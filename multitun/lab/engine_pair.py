@@ -6,6 +6,7 @@ root: the data plane, whole, without devices.
 ``keyed`` pairs run sealed (protocol version 2) under keys from a real Noise
 handshake between the two (no network needed for that part)."""
 
+import contextlib
 import functools
 import socket
 import struct
@@ -97,6 +98,20 @@ class EnginePair:
         for pair in self.tun:
             for s in pair:
                 s.close()
+
+
+@contextlib.contextmanager
+def listening_server():
+    """A keyed server engine on a loopback socket, and that socket's address."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM | socket.SOCK_NONBLOCK)
+    tun = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+    try:
+        sock.bind(("127.0.0.1", 0))
+        yield Engine(tun[0].fileno(), [sock.fileno()], True, 0x2000, keyed=True), \
+            sock.getsockname()
+    finally:
+        for s in (sock, *tun):
+            s.close()
 
 
 def ipv4(n: int, size: int = 1400) -> bytes:
