@@ -26,11 +26,14 @@ no keys. A client without a fresh ticket is sent one in a cookie and tries
 again at once. No clock is read for any of it. Copies of the latest first
 message on other paths are answered (once per path, within COPIES_S) with
 the same response. Every answer is shorter than the first message: no
-amplification. Answers are also rate-limited.
+amplification. Answers are also rate-limited. A server's cryptography runs
+on its handshake thread (handshake_thread.py): this module checks a first
+message, hands the work there, and installs what comes back.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import secrets
@@ -39,6 +42,7 @@ from dataclasses import dataclass, field
 
 from . import ciphers, noise, tickets, wire
 from ._fastpath import Engine
+from .handshake_thread import HandshakeThread
 from .noise import HandshakeError, Initiator, Responder
 from .ratelimit import TokenBucket
 
@@ -350,15 +354,55 @@ class _Answered:
     paths: set[int] = field(default_factory=set)
 
 
+@dataclass
+class _InFlight:
+    """A first message whose cryptography is under way (handshake_thread.py),
+    and where to answer it: its path, and those its copies came by meanwhile."""
+
+    key_id: int
+    at: float
+    source: tuple | None
+    reply_to: dict[int, object]
+
+
+def _respond(psk: bytes, prologue: bytes, message: bytes, setting: str, has_aes: bool,
+             new_ticket: bytes) -> tuple | None:
+    """The cryptography of answering a first message (on the handshake thread;
+    no engine here): its ticket, the cipher answer, and the response and keys
+    made with it (wasted if the ticket turns out stale or used: the rate limit
+    bounds that); None if it is not authentic.
+
+    Nothing here releases the GIL (the new ticket, which reads the system's
+    random source, is made by the caller): a thread that releases and takes
+    it back cancels the forwarding thread's request for it
+    (handshake_thread.py)."""
+    responder = Responder(psk, prologue)
+    try:
+        payload = responder.read_init(message)
+    except HandshakeError:
+        return None
+    offer = payload[wire.TICKET_LEN:wire.TICKET_LEN + 1]
+    answer = ciphers.choose(offer, setting, has_aes)
+    response = responder.write_response(answer + new_ticket)
+    return payload[:wire.TICKET_LEN], offer, answer, response, responder.keys()
+
+
 class ServerKeying(Keying):
     handshake_types = (wire.PacketType.HANDSHAKE_INIT,)
 
     def __init__(self, engine: Engine, psk: bytes, cipher: str = ciphers.AUTO,
-                 peer: int = 0, name: str | None = None) -> None:
+                 peer: int = 0, name: str | None = None,
+                 thread: HandshakeThread | None = None) -> None:
+        """``thread``: where the cryptography runs (None: on the caller's
+        thread, at once)."""
         super().__init__(engine, psk, cipher, peer, name)
+        self.thread = thread
         self.book = tickets.TicketBook()
         self.latest: _Answered | None = None
+        self.in_flight: dict[tuple[int, bytes], _InFlight] = {}
         self.bucket = TokenBucket(HANDSHAKES_PER_S, HANDSHAKE_BURST)
+        # The peer left the fleet: results still on their way install nothing.
+        self.closed = False
 
     def _on_handshake(self, path: int, datagram: bytes, source: tuple | None,
                       reply_to: object, now: float) -> bool:
@@ -378,26 +422,47 @@ class ServerKeying(Keying):
         if latest is not None and latest.body == body and latest.key_id == key_id:
             if now - latest.at <= COPIES_S and path not in latest.paths:
                 latest.paths.add(path)
-                self.engine.send_back(reply_to, _message(
-                    wire.PacketType.HANDSHAKE_RESPONSE, path, key_id, latest.response))
+                self._send(reply_to, wire.PacketType.HANDSHAKE_RESPONSE, path, key_id,
+                           latest.response)
             else:
                 self._refuse("replayed", source)
+            return
+        flight = self.in_flight.get((key_id, body))
+        if flight is not None:
+            # A copy on another path while the first is being answered:
+            # answered with it, once per path.
+            if path in flight.reply_to:
+                self._refuse("replayed", source)
+            else:
+                flight.reply_to[path] = reply_to
             return
         if body[:wire.FINGERPRINT_LEN] != self.fingerprint:
             self._refuse("auth_failed", source)  # made with another key: no work spent
             return
-        message = body[wire.FINGERPRINT_LEN:]
-        responder = Responder(self.psk, prologue(key_id, self.fingerprint))
-        try:
-            payload = responder.read_init(message)
-        except HandshakeError:
-            self._refuse("auth_failed", source)
+        self.in_flight[key_id, body] = _InFlight(key_id, now, source, {path: reply_to})
+        work = functools.partial(_respond, self.psk, prologue(key_id, self.fingerprint),
+                                 body[wire.FINGERPRINT_LEN:], self.cipher, self.has_aes,
+                                 self.book.issue(now))
+        then = functools.partial(self._answered, key_id, body)
+        if self.thread is None:
+            then(work())
+        elif not self.thread.submit(work, then):
+            del self.in_flight[key_id, body]
+            self._refuse("rate_limited", source)
+
+    def _answered(self, key_id: int, body: bytes, result: tuple | None) -> None:
+        """Back on the forwarding thread: the ticket, the keys, the answers."""
+        flight = self.in_flight.pop((key_id, body))
+        if self.closed:
             return
-        ticket = payload[:wire.TICKET_LEN]
-        offer = payload[wire.TICKET_LEN:wire.TICKET_LEN + 1]
+        if result is None:
+            self._refuse("auth_failed", flight.source)
+            return
+        ticket, offer, answer, response, (send, receive) = result
+        now = flight.at
         ids = {k["id"]: k["slot"] for k in self.engine.keys(self.peer)}
         if ids.get(key_id, "next") != "next":
-            self._refuse("replayed", source)  # the id of keys in use: never reinstalled
+            self._refuse("replayed", flight.source)  # the id of keys in use: never reinstalled
             return
         verdict = self.book.redeem(ticket, now)
         if verdict != "ok":
@@ -406,36 +471,52 @@ class ServerKeying(Keying):
             if verdict == "used":
                 # Replayed: no answer at all. (A client whose response was
                 # lost asks again without a ticket, and gets a cookie.)
-                self._refuse("replayed", source)
+                self._refuse("replayed", flight.source)
                 return
             self.rejected.cookies += 1
-            header = wire.pack_header(wire.PacketType.HANDSHAKE_COOKIE, path, key_id, 0,
-                                      wire.VERSION_SEALED)
-            self.engine.send_back(reply_to, header + tickets.seal_cookie(
-                self.psk, message[:noise.DHLEN], header, self.book.issue(now)))
+            ephemeral = body[wire.FINGERPRINT_LEN:][:noise.DHLEN]
+            for path, reply_to in flight.reply_to.items():
+                header = wire.pack_header(wire.PacketType.HANDSHAKE_COOKIE, path, key_id, 0,
+                                          wire.VERSION_SEALED)
+                self._send_back(reply_to, header + tickets.seal_cookie(
+                    self.psk, ephemeral, header, self.book.issue(now), self.book.nonce()))
             return
-        answer = ciphers.choose(offer, self.cipher, self.has_aes)
-        response = responder.write_response(answer + self.book.issue(now))
         try:
             cipher = ciphers.chosen(answer)
         except ciphers.CipherRefused:
             # Said to the client (its log names ours), and nothing installed.
             self._log_refusal(now, "handshake refused: the client insists on %s, this end "
                               "on --cipher %s", ciphers.offered(offer), self.cipher)
-            self.engine.send_back(reply_to, _message(
-                wire.PacketType.HANDSHAKE_RESPONSE, path, key_id, response))
+            self._answer_all(flight, response)
             return
-        send, receive = responder.keys()
         self.engine.drop_keys(key_id, self.peer)
         try:
             self.engine.install_keys(key_id, send, receive, False, cipher, self.peer)
         except ValueError:
             # Another client's keys have this id (a fleet server): no answer;
             # this client's next first message draws another.
-            self._refuse("replayed", source)
+            self._refuse("replayed", flight.source)
             return
-        self.latest = _Answered(body, key_id, response, now, {path})
+        self.latest = _Answered(body, key_id, response, now, set(flight.reply_to))
         self.handshakes += 1
-        self.engine.send_back(reply_to, _message(
-            wire.PacketType.HANDSHAKE_RESPONSE, path, key_id, response))
-        log.debug(self.said + "handshake %08x answered on path %d", key_id, path)
+        self._answer_all(flight, response)
+        log.debug(self.said + "handshake %08x answered on path(s) %s", key_id,
+                  ", ".join(map(str, flight.reply_to)))
+
+    def _answer_all(self, flight: _InFlight, response: bytes) -> None:
+        for path, reply_to in flight.reply_to.items():
+            self._send(reply_to, wire.PacketType.HANDSHAKE_RESPONSE, path, flight.key_id,
+                       response)
+
+    def _send(self, reply_to: object, ptype: wire.PacketType, path: int, key_id: int,
+              body: bytes) -> None:
+        self._send_back(reply_to, _message(ptype, path, key_id, body))
+
+    def _send_back(self, reply_to: object, datagram: bytes) -> None:
+        try:
+            self.engine.send_back(reply_to, datagram)
+        except ValueError:
+            # So many control packets came meanwhile that the engine no
+            # longer holds where this one came from: the answer is lost, as
+            # on a lossy path, and the client asks again.
+            log.debug(self.said + "an answer's return address expired")

@@ -14,13 +14,13 @@ that stay.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from . import wire
 from ._fastpath import Engine
 from .config import MAX_PEERS, Config
-from .keying import Keying, ServerKeying, fingerprint
+from .keying import Keying, fingerprint
 from .logfields import event
 from .pathstate import PathStates
 from .peerconfig import PeerSpec
@@ -58,8 +58,10 @@ class Peers:
     """Every peer of this end, by index."""
 
     def __init__(self, config: Config, engine: Engine,
-                 keying: type[Keying] | None) -> None:
-        self.config, self.engine = config, engine
+                 keying: Callable[..., Keying] | None) -> None:
+        """``keying``: what makes a peer's keying (its role's class, with the
+        server's handshake thread bound), or None in clear."""
+        self.config, self.engine, self.keying = config, engine, keying
         self.fleet = bool(config.peers)
         self.by_index: dict[int, Peer] = {}
         self.by_fingerprint: dict[bytes, Peer] = {}
@@ -121,13 +123,14 @@ class Peers:
                 new.append(spec)
         self._route([p for p in self.by_index.values() if p not in gone])
         for peer in gone:
+            peer.keying.closed = True  # a handshake still on its way installs nothing
             self.engine.remove_peer(peer.index)
             del self.by_index[peer.index]
         for spec in new:
             index = next(i for i in range(MAX_PEERS) if i not in self.by_index)
             peer = Peer(index, spec.name, PathStates(self.config), None, spec)
-            peer.keying = ServerKeying(self.engine, spec.key, self.config.cipher, index,
-                                       spec.name)
+            peer.keying = self.keying(self.engine, spec.key, self.config.cipher, index,
+                                      spec.name)
             self.engine.add_peer(index)
             self.by_index[index] = peer
         self._route(list(self.by_index.values()))

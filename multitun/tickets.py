@@ -14,8 +14,12 @@ at once: one round trip more, and nothing depends on anyone's wall clock
 (docs/SECURITY.md says why this is safe).
 
 Tickets are stateless until used: an expiry (the server's monotonic clock, in
-milliseconds), 4 random bytes (no two alike), and a MAC over both under a
-secret the server draws at start. The
+milliseconds), a 4-byte serial number (no two alike), and a MAC over both
+under a secret the server draws at start. (A serial, not random bytes: only
+holders of the pre-shared key ever see a ticket, the MAC is what makes it the
+server's, and reading the system's random source would release the GIL on
+the forwarding thread for each one, which hands it to the handshake thread:
+handshake_thread.py.) The
 server remembers used tickets until they expire; at most as many as it
 answers handshakes in a lifetime (its rate limit bounds that).
 """
@@ -24,6 +28,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import itertools
 import secrets
 
 from cryptography.exceptions import InvalidTag
@@ -48,12 +53,23 @@ class TicketBook:
     def __init__(self, lifetime_s: float = LIFETIME_S) -> None:
         self.lifetime_s = lifetime_s
         self._secret = secrets.token_bytes(32)
+        self._serials = itertools.count()
+        # Cookie nonces: a replayed first message gets a cookie under the
+        # same key as the original's, so no nonce may come twice, also
+        # across restarts: a random prefix drawn at start, then a counter.
+        self._nonce_prefix = secrets.token_bytes(NONCE_LEN - 8)
+        self._nonces = itertools.count()
         self._used: dict[bytes, float] = {}
 
     def issue(self, now: float) -> bytes:
         signed = (int((now + self.lifetime_s) * 1000).to_bytes(_EXPIRY_LEN, "big")
-                  + secrets.token_bytes(_SIGNED_LEN - _EXPIRY_LEN))
+                  + (next(self._serials) & 0xFFFFFFFF).to_bytes(_SIGNED_LEN - _EXPIRY_LEN, "big"))
         return signed + self._mac(signed)
+
+    def nonce(self) -> bytes:
+        """A nonce for a cookie, never the same twice (without reading the
+        system's random source: see the module's docstring)."""
+        return self._nonce_prefix + next(self._nonces).to_bytes(8, "big")
 
     def redeem(self, ticket: bytes, now: float) -> str:
         """"ok" (now used), "missing", "stale" (expired, or not this
@@ -81,11 +97,10 @@ def _cookie_key(psk: bytes, ephemeral: bytes) -> ChaCha20Poly1305:
                             .derive(psk))
 
 
-def seal_cookie(psk: bytes, ephemeral: bytes, header: bytes, ticket: bytes) -> bytes:
-    """The cookie's body: a random nonce (a replayed first message gets a
-    cookie under the same key), then the sealed ticket; the header is
-    associated data."""
-    nonce = secrets.token_bytes(NONCE_LEN)
+def seal_cookie(psk: bytes, ephemeral: bytes, header: bytes, ticket: bytes,
+                nonce: bytes) -> bytes:
+    """The cookie's body: the nonce (TicketBook.nonce()), then the sealed
+    ticket; the header is associated data."""
     return nonce + _cookie_key(psk, ephemeral).encrypt(nonce, ticket, header)
 
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import logging
 import os
 import secrets
@@ -30,6 +31,7 @@ from ._version import __version__
 from .config import MAX_PEERS, Config
 from .device import TunDevice
 from .errors import ConfigError
+from .handshake_thread import HandshakeThread
 from .logfields import event, hostport
 from .metrics import MetricsServer
 from .paths import kernel_offloads
@@ -70,6 +72,8 @@ class Tunnel:
         self._turn = 0
         self._next_error_summary = 0.0
         self._reload = False
+        # A server's, when sealed: where its handshake cryptography runs.
+        self.handshakes: HandshakeThread | None = None
 
     def stop(self, signum: int = 0, frame: object = None) -> None:
         self.stopping = True
@@ -94,12 +98,20 @@ class Tunnel:
             gso, gro = kernel_offloads() if cfg.offload else (False, False)
             socks = role.open_sockets(gro, device.name)
             stack.callback(role.close)
+            keying = role.keying
+            if role.server and cfg.keyed:
+                # A server's handshake cryptography runs on a thread of its
+                # own; the engine wakes on its results.
+                self.handshakes = HandshakeThread()
+                stack.callback(self.handshakes.close)
+                keying = functools.partial(keying, thread=self.handshakes)
             self.engine = Engine(
-                device.fd, socks, role.server, new_session(), (wake_fd, *role.wake_fds()),
+                device.fd, socks, role.server, new_session(),
+                (wake_fd, *role.wake_fds(), *([self.handshakes.fd] if self.handshakes else [])),
                 gso=gso, busy_poll_us=cfg.effective_busy_poll_us, keyed=cfg.keyed,
                 vnet_hdr=device.vnet_hdr, stale_margin_us=int(cfg.stale_margin_ms * 1000),
                 fleet=bool(cfg.peers))
-            self.peers = Peers(cfg, self.engine, role.keying)
+            self.peers = Peers(cfg, self.engine, keying)
             role.start(self.engine, self.peers)
             self._gso, self._wake_fd = gso, wake_fd
             self._publish()
@@ -279,6 +291,8 @@ class Tunnel:
                 self._on_control(*control)
             if flags & WAKE["fd"]:
                 _drain(self._wake_fd)
+                if self.handshakes is not None:
+                    self.handshakes.finish()  # handshakes answered
                 self.role.on_wake()  # the kernel's interfaces changed, say
                 publish = True
             if self._reload:

@@ -13,7 +13,7 @@ import pytest
 
 from multitun._fastpath import Engine
 from multitun.config import Config
-from multitun.keying import fingerprint
+from multitun.keying import ServerKeying, fingerprint
 from multitun.lab.engine_pair import session_keys, udp4
 from multitun.peerconfig import PeerSpec
 from multitun.peers import Peers
@@ -179,7 +179,7 @@ def test_a_reload_keeps_what_stays_and_renews_what_changed(engine):
     a, b, c = (spec("a", keys[0], "10.0.0.10/32"), spec("b", keys[1], "10.0.0.11/32"),
                spec("c", keys[2], "10.0.0.12/32"))
     cfg = dataclasses.replace(SERVER, peers=(a, b, c))
-    peers = Peers(cfg, engine, None)
+    peers = Peers(cfg, engine, ServerKeying)
     first = {p.name: p for p in peers}
     assert sorted(p.index for p in first.values()) == [0, 1, 2]
     assert peers.by_fingerprint[fingerprint(keys[1])] is first["b"]
@@ -204,7 +204,7 @@ def test_status_and_metrics_name_each_peer(engine):
     from multitun.roles import ServerRole
     cfg = dataclasses.replace(SERVER, peers=(spec("robot7", os.urandom(32), "10.0.0.7/32"),
                                              spec("robot8", os.urandom(32), "10.0.0.8/32")))
-    peers = Peers(cfg, engine, None)
+    peers = Peers(cfg, engine, ServerKeying)
     role = ServerRole(cfg)
     role.start(engine, peers)
     st = status.snapshot(role, "multitun0", 0.0, engine, peers)

@@ -4,13 +4,16 @@ replay and rate limits. No root needed."""
 
 import contextlib
 import os
+import select
 import socket
+import threading
 import time
 
 import pytest
 
-from multitun import keying, tickets, wire
+from multitun import handshake_thread, keying, tickets, wire
 from multitun._fastpath import Engine
+from multitun.handshake_thread import HandshakeThread
 from multitun.keying import ClientKeying, ServerKeying
 
 from multitun.lab.engine_pair import EnginePair, ipv4, listening_server
@@ -337,7 +340,8 @@ def test_a_cookie_that_is_not_authentic_changes_nothing():
         key_id = wire.peek_header(init).session
         header = wire.pack_header(wire.PacketType.HANDSHAKE_COOKIE, 0, key_id, 0,
                                   wire.VERSION_SEALED)
-        forged = header + tickets.seal_cookie(os.urandom(32), init[16:48], header, bytes(24))
+        forged = header + tickets.seal_cookie(os.urandom(32), init[16:48], header, bytes(24),
+                                              os.urandom(12))
         ends.pair.udp[1].send(forged)
         a.run(0)
         (_, path, _, datagram, source, reply_to), = a.take_control()
@@ -451,3 +455,73 @@ def test_a_client_proves_its_address_to_a_server_under_load(monkeypatch):
         inits = server_engine.take_control()
         # The rekey's first message and one resend: a RETRY storm makes no more.
         assert [wire.peek_header(c[3]).seq for c in inits] == [token, token]
+
+
+@pytest.fixture
+def threaded():
+    """Ends whose server does its cryptography on a HandshakeThread, as a
+    tunnel's does."""
+    e = Ends()
+    e.server.thread = HandshakeThread()
+    yield e
+    e.server.thread.close()
+    e.close()
+
+
+def _results(thread: HandshakeThread) -> None:
+    """Wait until the thread's results are back, and hand them over."""
+    assert select.select([thread.fd], [], [], 5)[0] == [thread.fd]
+    while thread.pending:
+        select.select([thread.fd], [], [], 5)
+        thread.finish()
+
+
+def test_the_cryptography_runs_off_the_forwarding_thread(threaded, monkeypatch):
+    """A first message is checked on the forwarding thread and answered
+    there once the handshake thread has done the cryptography: on_control
+    returns at once, nothing is sent or installed until finish(); a copy on
+    another path meanwhile gets the same response."""
+    ran_on = []
+    respond = keying._respond
+    monkeypatch.setattr(keying, "_respond",
+                        lambda *a: ran_on.append(threading.get_ident()) or respond(*a))
+    a, b = threaded.pair.engines
+    threaded.client.tick(threaded.now)
+    b.run(0)
+    (control,) = b.take_control()
+    _, path, _, datagram, source, reply_to = control
+    threaded.server.on_control(path, datagram, source, reply_to, threaded.now)
+    threaded.server.on_control(1, datagram, source, reply_to, threaded.now)  # the copy
+    assert b.keys() == [] and threaded.server.handshakes == 0
+    _results(threaded.server.thread)
+    assert ran_on and ran_on[0] != threading.get_ident()
+    assert [k["slot"] for k in b.keys()] == ["next"] and threaded.server.handshakes == 1
+    assert threaded.server.latest.paths == {0, 1}
+    a.run(0)
+    ((_, p, _, d, s, r),) = a.take_control()
+    # Path 1's copy came back too; this one-path client drops it.
+    assert a.stats()["unknown_source"] == 1
+    assert threaded.client.on_control(p, d, s, r, threaded.now)
+
+
+def test_a_result_for_a_peer_that_left_installs_nothing(threaded):
+    b = threaded.pair.engines[1]
+    threaded.client.tick(threaded.now)
+    b.run(0)
+    for _, path, _, datagram, source, reply_to in b.take_control():
+        threaded.server.on_control(path, datagram, source, reply_to, threaded.now)
+    threaded.server.closed = True  # what a reload does to a peer it removes
+    _results(threaded.server.thread)
+    assert b.keys() == [] and threaded.server.handshakes == 0
+    with pytest.raises(BlockingIOError):
+        threaded.pair.udp[0].recv(200)
+
+
+def test_too_many_awaited_results_are_refused(threaded, monkeypatch):
+    monkeypatch.setattr(handshake_thread, "MAX_PENDING", 0)
+    b = threaded.pair.engines[1]
+    threaded.client.tick(threaded.now)
+    b.run(0)
+    for _, path, _, datagram, source, reply_to in b.take_control():
+        threaded.server.on_control(path, datagram, source, reply_to, threaded.now)
+    assert threaded.server.rejected.rate_limited == 1 and threaded.server.in_flight == {}
