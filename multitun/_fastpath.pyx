@@ -66,8 +66,8 @@ from .fastpath.addresses cimport gro_segment_size, same_addr, sticky_source
 from .fastpath.batch cimport Batch, add_packet, next_packet
 from .fastpath.limiter cimport SourceLimiter, limiter_allow
 from .fastpath.addresstoken cimport (
-    TOKEN_EPOCH_NS, AddressCheck, address_check_free, address_check_init, address_token,
-    loaded, token_valid, under_load,
+    LOAD_BURST, LOAD_PER_S, TOKEN_EPOCH_NS, AddressCheck, address_check_free,
+    address_check_init, address_token, loaded, token_valid, under_load,
 )
 from .fastpath.codel cimport CODEL_INTERVAL_NS, CODEL_TARGET_NS
 from .fastpath.routes cimport (
@@ -117,8 +117,10 @@ CONSTANTS = {
     "MAX_DATAGRAM": MAX_DATAGRAM,
 }
 
-# How many peers one engine holds (config.py refuses more).
-LIMITS = {"MAX_PEERS": MAX_PEERS}
+# How many peers one engine holds (config.py refuses more), and the rate of
+# first messages above which a server is under load (keying.py's answer rate
+# must not be below it: tests/test_keying.py).
+LIMITS = {"MAX_PEERS": MAX_PEERS, "LOAD_PER_S": LOAD_PER_S, "LOAD_BURST": LOAD_BURST}
 
 SYSTEM = {
     "UDP_SEGMENT": UDP_SEGMENT, "UDP_GRO": UDP_GRO, "IP_PKTINFO": IP_PKTINFO,

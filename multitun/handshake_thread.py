@@ -29,8 +29,11 @@ import threading
 from collections.abc import Callable
 
 SWITCH_S = 0.0002
-# Results awaited at once; a first message beyond that is refused, as over
-# the keying's rate (a client retries within a second).
+# Results awaited at once (a fleet's clients all connecting after a server
+# restart: one each); a first message beyond that is refused, as over the
+# keying's rate (a client retries within a second). Well below the engine's
+# REPLY_SLOTS (1024): each answer's return address must outlast the wait for
+# its result, while probe replies take return addresses too.
 MAX_PENDING = 256
 
 
@@ -83,9 +86,14 @@ class HandshakeThread:
         """Hand the results that came back so far to their ``then``; call it
         when ``fd`` is readable. Those that come meanwhile wait for the next
         call (and wake the engine again)."""
-        self._signalled = False
+        # In this order: a result that comes after the read either finds the
+        # flag still set, and is taken below, or finds it cleared, and
+        # writes a wake-up of its own. (Cleared before the read, a wake-up
+        # written in between would be read here with the flag left set,
+        # and no later result would ever wake the engine.)
         with contextlib.suppress(BlockingIOError):
             os.read(self.fd, MAX_PENDING)
+        self._signalled = False
         for _ in range(len(self._done)):
             then, (ok, value) = self._done.popleft()
             self.pending -= 1

@@ -269,8 +269,7 @@ class ClientKeying(Keying):
                 return False
             return self._on_cookie(pending, datagram, source, now)
         if header.type == wire.PacketType.HANDSHAKE_RETRY:
-            if pending is self.pending:
-                self._on_retry(pending, path, datagram, source, now)
+            self._on_retry(pending, path, datagram, source, now)
             return False
         try:
             payload = pending.initiator.read_response(datagram[wire.HEADER_LEN:])
@@ -316,15 +315,17 @@ class ClientKeying(Keying):
     def _on_retry(self, pending: _Pending, path: int, datagram: bytes,
                   source: tuple | None, now: float) -> None:
         """The server is under load and wants this path's address proved:
-        the same first message goes again on the path, with the token."""
+        the path's token is kept, and the latest first message goes again
+        on the path, with it. (A RETRY for the one before, which a cookie
+        overtook, still brings the token.)"""
         if datagram[wire.HEADER_LEN:] != pending.ephemeral[:wire.RETRY_ECHO_LEN]:
             self._refuse("auth_failed", source)  # made by someone who never saw it
             return
-        if path in pending.retried:
-            return  # once per path and message: more RETRYs make no more sends
-        pending.retried.add(path)
         token = wire.peek_header(datagram).seq
         self.tokens[path] = (token, now)
+        if pending is not self.pending or path in pending.retried:
+            return  # once per path and message: more RETRYs make no more sends
+        pending.retried.add(path)
         self.engine.send_control(path, _message(
             wire.PacketType.HANDSHAKE_INIT, path, pending.key_id, pending.body, token))
         log.debug("handshake %08x: the server is under load; sent again on path %d with "

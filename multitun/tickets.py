@@ -56,9 +56,10 @@ class TicketBook:
         self._serials = itertools.count()
         # Cookie nonces: a replayed first message gets a cookie under the
         # same key as the original's, so no nonce may come twice, also
-        # across restarts: a random prefix drawn at start, then a counter.
-        self._nonce_prefix = secrets.token_bytes(NONCE_LEN - 8)
-        self._nonces = itertools.count()
+        # across restarts: a counter from a random 96-bit start (two
+        # restarts' runs of it overlap with a chance of about their length
+        # over 2^96).
+        self._nonce = secrets.randbits(8 * NONCE_LEN)
         self._used: dict[bytes, float] = {}
 
     def issue(self, now: float) -> bytes:
@@ -69,7 +70,8 @@ class TicketBook:
     def nonce(self) -> bytes:
         """A nonce for a cookie, never the same twice (without reading the
         system's random source: see the module's docstring)."""
-        return self._nonce_prefix + next(self._nonces).to_bytes(8, "big")
+        self._nonce = (self._nonce + 1) % (1 << 8 * NONCE_LEN)
+        return self._nonce.to_bytes(NONCE_LEN, "big")
 
     def redeem(self, ticket: bytes, now: float) -> str:
         """"ok" (now used), "missing", "stale" (expired, or not this

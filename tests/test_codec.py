@@ -50,7 +50,7 @@ def test_constants_agree():
 
 
 def test_peer_limit_agrees():
-    assert _fastpath.LIMITS == {"MAX_PEERS": config.MAX_PEERS}
+    assert _fastpath.LIMITS["MAX_PEERS"] == config.MAX_PEERS
 
 
 def test_cipher_numbers_agree():

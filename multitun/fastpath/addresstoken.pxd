@@ -25,13 +25,24 @@ from libc.string cimport memcpy, memset
 from ..includes.linux cimport AF_INET, AF_INET6, htobe64, sockaddr_in, sockaddr_in6, sockaddr_storage
 from ..includes.openssl cimport *
 
+# 120 s does not fit an enum (a C int): a 64-bit constant.
+cdef extern from *:
+    """
+    #define MULTITUN_TOKEN_EPOCH_NS 120000000000ULL
+    """
+    const uint64_t TOKEN_EPOCH_NS "MULTITUN_TOKEN_EPOCH_NS"
+
 cdef enum:
-    TOKEN_EPOCH_NS = 120000000000
     # First messages a second from all sources that a server takes without
-    # tokens: a fleet of 1024 clients rekeys about 9 times a second.
-    LOAD_PER_S = 50
-    LOAD_INTERVAL_NS = 20000000  # 1 s / LOAD_PER_S (Cython cannot divide in an enum)
-    LOAD_BURST = 100
+    # tokens: no more than one peer's keying answers (keying.HANDSHAKES_PER_S
+    # and HANDSHAKE_BURST; tests/test_keying.py holds them to it), so that a
+    # forged flood that claims one peer's key, just below the load, cannot
+    # use up that peer's answers. A fleet's clients rekey every two minutes
+    # on two paths or more: beyond about 600 of them, their first messages
+    # too prove their addresses, at one round trip each.
+    LOAD_PER_S = 20
+    LOAD_INTERVAL_NS = 50000000  # 1 s / LOAD_PER_S (Cython cannot divide in an enum)
+    LOAD_BURST = 20
     LOAD_HOLD_NS = 1000000000
 
 

@@ -59,9 +59,11 @@ cdef enum:
     # differ by 0.65 s of delay before a late first copy counts as too old.
     WINDOW_WORDS = 1024
     # Control packets held for Python between two returns of Engine.run(),
-    # and the return addresses that send_back() may still answer.
+    # and the return addresses that send_back() may still answer: enough for
+    # a server's handshake thread to answer its whole backlog
+    # (handshake_thread.MAX_PENDING) while probe replies of a fleet come in.
     CTRL_SLOTS = 64
-    REPLY_SLOTS = 256
+    REPLY_SLOTS = 1024
     # The largest control packet: a handshake's first message (a probe
     # reply is at most HEADER_LEN + PROBE_MAX_PAYLOAD, 80).
     CTRL_ROOM = HANDSHAKE_INIT_LEN

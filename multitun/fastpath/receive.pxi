@@ -256,20 +256,27 @@ cdef class Receiver:
         ones, cannot starve a real client of its token; one with its token
         is held to its rate among proven sources only."""
         cdef sockaddr_storage *source = <sockaddr_storage *>m.msg_name
-        if not loaded(&self.addresses, now):
-            if not limiter_allow(&self.handshakes, source, now):
+        if loaded(&self.addresses, now):
+            if token_valid(&self.addresses, source, h.seq, now):
+                if limiter_allow(&self.proven, source, now):
+                    return True
                 self.ctr.handshakes_shed += 1
                 return False
-            if not under_load(&self.addresses, now):
-                return True
-        if not token_valid(&self.addresses, source, h.seq, now):
-            under_load(&self.addresses, now)  # what keeps the load on
+            # Metered within its source's rate only, so that one source
+            # alone cannot keep the load on (and every client paying a
+            # round trip more); a RETRY whatever its rate.
+            if limiter_allow(&self.handshakes, source, now):
+                under_load(&self.addresses, now)
             self._retry(sock, h, p, m, now)
             return False
-        if not limiter_allow(&self.proven, source, now):
+        if not limiter_allow(&self.handshakes, source, now):
             self.ctr.handshakes_shed += 1
             return False
-        return True
+        if not under_load(&self.addresses, now) or token_valid(&self.addresses, source,
+                                                                h.seq, now):
+            return True
+        self._retry(sock, h, p, m, now)  # the one that put the server under load
+        return False
 
     cdef void _retry(self, int sock, Header *h, const uint8_t *p, msghdr *m,
                      uint64_t now) noexcept nogil:
