@@ -56,9 +56,6 @@ COPIES_S = 2.0
 HANDSHAKES_PER_S = 20.0
 HANDSHAKE_BURST = 20
 UNANSWERED_LOG_S = 10.0
-# A server's address token is valid for 120 to 240 seconds from when it was
-# made (addresstoken.pxd); a client uses one for a little less.
-TOKEN_KEEP_S = 110.0
 
 _PROLOGUE = b"multitun protocol 2, key id "
 _FINGERPRINT_INFO = b"multitun key fingerprint "
@@ -200,8 +197,11 @@ class ClientKeying(Keying):
         self.earlier: _Pending | None = None
         self.first_attempt: float | None = None
         self.next_unanswered_log = 0.0
-        # The server's address token for each path, and when it came.
-        self.tokens: dict[int, tuple[int, float]] = {}
+        # The server's latest address token for each path. It is valid for 120
+        # to 240 seconds (addresstoken.pxd), but one that is no longer (or a
+        # path whose address changed) costs only a RETRY, and only while the
+        # server is under load: it is sent until another replaces it.
+        self.tokens: dict[int, int] = {}
 
     def tick(self, now: float) -> None:
         super().tick(now)
@@ -243,10 +243,9 @@ class ClientKeying(Keying):
             self.first_attempt = now
         for p in self.engine.paths():
             if p["active"]:
-                token, at = self.tokens.get(p["path"], (0, 0.0))
                 self.engine.send_control(p["path"], _message(
                     wire.PacketType.HANDSHAKE_INIT, p["path"], key_id, body,
-                    token if now - at < TOKEN_KEEP_S else 0))
+                    self.tokens.get(p["path"], 0)))
         log.debug("handshake %08x sent", key_id)
 
     def _on_handshake(self, path: int, datagram: bytes, source: tuple | None,
@@ -322,7 +321,7 @@ class ClientKeying(Keying):
             self._refuse("auth_failed", source)  # made by someone who never saw it
             return
         token = wire.peek_header(datagram).seq
-        self.tokens[path] = (token, now)
+        self.tokens[path] = token
         if pending is not self.pending or path in pending.retried:
             return  # once per path and message: more RETRYs make no more sends
         pending.retried.add(path)
