@@ -372,10 +372,9 @@ def _respond(psk: bytes, prologue: bytes, message: bytes, setting: str, has_aes:
     made with it (wasted if the ticket turns out stale or used: the rate limit
     bounds that); None if it is not authentic.
 
-    Nothing here releases the GIL (the new ticket, which reads the system's
-    random source, is made by the caller): a thread that releases and takes
-    it back cancels the forwarding thread's request for it
-    (handshake_thread.py)."""
+    Nothing here releases the GIL (the new ticket is made by the caller, on
+    the forwarding thread): a thread that releases and takes it back cancels
+    the forwarding thread's request for it (handshake_thread.py)."""
     responder = Responder(psk, prologue)
     try:
         payload = responder.read_init(message)
