@@ -3,7 +3,10 @@
 # source (that peer's endpoint on the path), its session or key, the window,
 # and sealed, its tag; the first copy of a packet is written to the TUN,
 # later copies are dropped. Probes are answered here; probe replies and
-# handshakes go up to Python through the control queue.
+# handshakes go up to Python through the control queue, within their
+# sources' rates (limiter.pxd). A server under load answers here, with a
+# RETRY, a first message whose source has not proved its address
+# (addresstoken.pxd).
 
 @cython.final
 cdef class Receiver:
