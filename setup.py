@@ -1,6 +1,10 @@
 """Builds the compiled data plane, multitun._fastpath (its parts are in
 multitun/fastpath/), its test hooks, multitun._testing, and the man page.
 
+MULTITUN_LIBCRYPTO=PREFIX links a static libcrypto from PREFIX (made by
+packaging/libcrypto.sh) instead of the system's shared one; the wheels are
+built so.
+
 MULTITUN_DEBUG=1 builds with line tracing and an annotated HTML report of the
 Cython code (for profiling and coverage of the data plane); the default build is
 optimised and has neither.
@@ -47,12 +51,30 @@ class build_py_with_man_page(build_py):
                 f.write(text)
 
 
+
+def libcrypto() -> dict:
+    """How the extensions link libcrypto: the system's shared one, or with
+    MULTITUN_LIBCRYPTO a static one, whose release sets the speed of sealed
+    mode (packaging/libcrypto.sh). The static copy's symbols stay private to
+    each extension (ld(1), --exclude-libs), so neither binds to the libcrypto
+    the Python process loads for hashlib and ssl, nor that one to it."""
+    prefix = os.environ.get("MULTITUN_LIBCRYPTO")
+    if not prefix:
+        return {"libraries": ["crypto"]}
+    archive = os.path.join(prefix, "lib", "libcrypto.a")
+    if not os.path.isfile(archive):
+        sys.exit(f"MULTITUN_LIBCRYPTO={prefix}: no {archive} (packaging/libcrypto.sh makes it)")
+    # glibc before 2.34 keeps dlopen() and threads in libraries of their own.
+    return {"include_dirs": [os.path.join(prefix, "include")], "extra_objects": [archive],
+            "libraries": ["dl", "pthread"], "extra_link_args": ["-Wl,--exclude-libs,ALL"]}
+
+
 # The data plane, and its stateless parts callable for tests (multitun._testing).
 # The AEADs for sealed packets (AES-256-GCM, ChaCha20-Poly1305) come from OpenSSL's libcrypto.
 extensions = [
     Extension(
         name, [source],
-        libraries=["crypto"],
+        **libcrypto(),
         extra_compile_args=["-O2"] + (["-g", "-O0"] if debug else []),
         define_macros=[("CYTHON_TRACE_NOGIL", "1")] if debug else [],
     )

@@ -15,6 +15,7 @@ import time
 
 import pytest
 
+from multitun import _fastpath
 from multitun.lab.emulator import Impairment
 from multitun.lab.tunnel_pair import key_args
 from multitun.lab import (
@@ -183,6 +184,18 @@ def test_path_outage(benchmark, tunnel_cmd, tmp_path):
 SEALED_ROUNDS = 5
 
 
+def sealed_floor() -> float:
+    """Issue 15's target, 0.80 of clear, where libcrypto's AES-GCM can use the
+    CPU's VAES and VPCLMULQDQ (OpenSSL 3.1 and later; packaging/libcrypto.sh);
+    with an older libcrypto the AES work alone holds it at 0.70 to 0.73 (README),
+    so the floor there only catches a regression."""
+    version = tuple(int(n) for n in _fastpath.LIBCRYPTO.split()[1].split(".")[:2])
+    with open("/proc/cpuinfo") as f:
+        flags = set(next(line for line in f if line.startswith("flags")).split())
+    return 0.80 if version >= (3, 1) and {"vaes", "vpclmulqdq", "avx512f"} <= flags else 0.65
+
+
+
 def test_sealed_throughput_ratio(benchmark, tmp_path):
     """One TCP stream through the two-path tunnel sealed (--key-file) against
     the same tunnel in clear, on one bed, the two alternating."""
@@ -201,6 +214,7 @@ def test_sealed_throughput_ratio(benchmark, tmp_path):
 
         benchmark.pedantic(measure, rounds=1, iterations=1)
     clear, sealed = statistics.median(rounds["clear"]), statistics.median(rounds["sealed"])
-    record(benchmark, scenario="tcp-sealed", clear_gbit_s=round(clear, 2),
-           sealed_gbit_s=round(sealed, 2), ratio=round(sealed / clear, 3))
-    assert sealed / clear >= 0.7
+    record(benchmark, scenario="tcp-sealed", libcrypto=_fastpath.LIBCRYPTO,
+           clear_gbit_s=round(clear, 2), sealed_gbit_s=round(sealed, 2),
+           ratio=round(sealed / clear, 3))
+    assert sealed / clear >= sealed_floor()

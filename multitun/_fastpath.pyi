@@ -9,6 +9,7 @@ SYSTEM: dict[str, int]
 CIPHERS: dict[str, int]
 WAKE: dict[str, int]
 LIMITS: dict[str, int]
+LIBCRYPTO: str
 
 class Engine:
     def __init__(self, tun_fd: int, socks: list[int], server: bool, session: int,

@@ -56,6 +56,7 @@ from .fastpath.byteorder cimport be16, now_ns
 from .fastpath.header cimport H_OK, H_OTHER_MODE, Header, parse_header, payload_fits, put_header
 from .fastpath.window cimport W_DUPLICATE, W_NEW, Window, window_check, window_mark, window_test
 from .fastpath.checksum cimport csum_add, csum_fold
+from .includes.openssl cimport OPENSSL_VERSION, OpenSSL_version
 from .fastpath.aead cimport Keypair, clear_keypair, new_cipher, open_packet, seal_packet, used_up
 from .fastpath.vnet cimport *
 from .fastpath.segment cimport Segmenter, segmenter_next, segmenter_start
@@ -121,6 +122,9 @@ CONSTANTS = {
 # first messages above which a server is under load (keying.py's answer rate
 # must not be below it: tests/test_keying.py).
 LIMITS = {"MAX_PEERS": MAX_PEERS, "LOAD_PER_S": LOAD_PER_S, "LOAD_BURST": LOAD_BURST}
+
+# The libcrypto that seals packets, as `multitun --version` reports it.
+LIBCRYPTO = OpenSSL_version(OPENSSL_VERSION).decode()
 
 SYSTEM = {
     "UDP_SEGMENT": UDP_SEGMENT, "UDP_GRO": UDP_GRO, "IP_PKTINFO": IP_PKTINFO,

@@ -97,6 +97,21 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(out)
 
 
+class _Version(argparse.Action):
+    """--version: the release, then the libcrypto the data plane seals with,
+    whose AES-GCM speed depends on its release (packaging/libcrypto.sh). The
+    data plane is imported only here: the parser itself must not need it."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str, **kwargs) -> None:
+        super().__init__(option_strings, dest, nargs=0,
+                         help="print the version and the libcrypto in use, then exit")
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        from ._fastpath import LIBCRYPTO
+        print(f"multitun {__version__}\nlibcrypto: {LIBCRYPTO}")
+        parser.exit()
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser; no side effects (the man page is generated from it)."""
     p = OneLineParser(
@@ -107,7 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--version", action="version", version=f"multitun {__version__}")
+    p.add_argument("--version", action=_Version)
     p.add_argument("--config", type=Path, metavar="FILE",
                    help="read settings from this TOML file; its keys are the long option "
                         "names (server_port = 5678, tun_listen_addr = [\"10.42.42.1\"], "

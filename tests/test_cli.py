@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from multitun import __version__
+from multitun import __version__, _fastpath
 from multitun.cli import build_parser, config_from_args, main
 from multitun.config import PathSpec
 
@@ -91,7 +91,9 @@ def test_version(capsys):
     with pytest.raises(SystemExit) as e:
         main(["--version"])
     assert e.value.code == 0
-    assert capsys.readouterr().out.strip() == f"multitun {__version__}"
+    first, second = capsys.readouterr().out.splitlines()
+    assert first == f"multitun {__version__}"
+    assert second == f"libcrypto: {_fastpath.LIBCRYPTO}" and "OpenSSL 3" in second
 
 
 BAD = [

@@ -24,3 +24,11 @@ cdef extern from "<openssl/evp.h>" nogil:
     int EVP_CipherFinal_ex(EVP_CIPHER_CTX *ctx, unsigned char *out, int *outl)
     int EVP_CIPHER_CTX_ctrl(EVP_CIPHER_CTX *ctx, int type, int arg, void *ptr)
     int EVP_CIPHER_CTX_set_padding(EVP_CIPHER_CTX *ctx, int padding)
+
+
+cdef extern from "<openssl/crypto.h>" nogil:
+    # OpenSSL_version(3): which libcrypto the data plane was linked with; its
+    # AES-GCM speed differs by release (packaging/libcrypto.sh says why).
+    enum:
+        OPENSSL_VERSION
+    const char *OpenSSL_version(int t)
