@@ -51,7 +51,6 @@ class build_py_with_man_page(build_py):
                 f.write(text)
 
 
-
 def libcrypto() -> dict:
     """How the extensions link libcrypto: the system's shared one, or with
     MULTITUN_LIBCRYPTO a static one, whose release sets the speed of sealed
