@@ -8,7 +8,8 @@ of a virtual environment that has the other version installed:
 
 Every round starts a tunnel pair of each version in turn on the same bed and
 measures one TCP stream, 1400-byte UDP datagrams per second, the idle round
-trip added to the bare path's, and one TCP stream sealed (--key-file). The figures are medians over
+trip added to the bare path's, the round trip added while one TCP stream fills
+the tunnel and that stream's rate, and one TCP stream sealed (--key-file). The figures are medians over
 the rounds; the ratios are this version's over the other's (round trip: the
 other's over this one's, so that above 1 is better everywhere).
 """
@@ -16,7 +17,9 @@ other's over this one's, so that above 1 is better everywhere).
 import statistics
 
 from multitun.keyfile import generate_key
-from multitun.lab import Bed, TUN_SERVER, TunnelPair, ping_interleaved, tcp_throughput, udp_flood
+from multitun.lab import (
+    Bed, TUN_SERVER, TunnelPair, ping_interleaved, ping_under_stream, tcp_throughput, udp_flood,
+)
 
 from .conftest import requires_root
 
@@ -38,6 +41,12 @@ def measure(bed, logs, python, key):
         bare, tunnel = (statistics.median(r for r in rtts[d] if r is not None) for d in
                         (BARE, TUN_SERVER))
         out["rtt_added_us"] = (tunnel - bare) * 1e6
+        rtts, stream = ping_under_stream(bed, bed.client, bed.server, TUN_SERVER,
+                                         [BARE, TUN_SERVER], count=500)
+        bare, tunnel = (statistics.median(r for r in rtts[d] if r is not None) for d in
+                        (BARE, TUN_SERVER))
+        out["rtt_loaded_added_us"] = (tunnel - bare) * 1e6
+        out["loaded_tcp_gbit_s"] = stream.gbit_per_s
     sealed = ("--key-file", str(key))
     with TunnelPair(bed, logs / "sealed", python=python, server_extra=sealed,
                     client_extra=sealed) as pair:

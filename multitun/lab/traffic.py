@@ -382,3 +382,21 @@ def tcp_transfer(bed: Bed, src_ns: str, dst_ns: str, dst: str, data: bytes | Non
         raise TimeoutError("receiver did not finish")
     return Transfer(sent, got["n"], got["end"] - start,
                     sent_digest.hexdigest() if data is not None else "", got["sha"])
+
+
+def ping_under_stream(bed: Bed, src_ns: str, dst_ns: str, stream_dst: str, dsts: list[str],
+                      count: int = 1000, interval: float = 0.002,
+                      ) -> tuple[dict[str, list[float | None]], Transfer]:
+    """ping_interleaved to ``dsts`` while one TCP stream from ``src_ns`` to
+    ``stream_dst`` fills what it crosses: the round trips, and the stream.
+    The stream starts 0.5 s before the pings (past slow start) and lasts
+    until they end."""
+    seconds = 1.0 + count * interval * 2
+    stream: list[Transfer] = []
+    load = threading.Thread(target=lambda: stream.append(
+        tcp_transfer(bed, src_ns, dst_ns, stream_dst, seconds=seconds)))
+    load.start()
+    time.sleep(0.5)
+    rtts = ping_interleaved(bed, src_ns, dsts, count=count, interval=interval)
+    load.join()
+    return rtts, stream[0]
