@@ -9,9 +9,10 @@ of a virtual environment that has the other version installed:
 Every round starts a tunnel pair of each version in turn on the same bed and
 measures one TCP stream, 1400-byte UDP datagrams per second, the idle round
 trip added to the bare path's, the round trip added while one TCP stream fills
-the tunnel and that stream's rate, and one TCP stream sealed (--key-file). The figures are medians over
-the rounds; the ratios are this version's over the other's (round trip: the
-other's over this one's, so that above 1 is better everywhere).
+the tunnel and that stream's rate, and one TCP stream sealed (--key-file). The
+figures are medians over the rounds; the ratios are this version's over the
+other's (round trip: the other's over this one's, so that above 1 is better
+everywhere).
 """
 
 import statistics
@@ -29,6 +30,13 @@ ROUNDS = 5
 BARE = "192.0.2.1"  # path 0's server address: the bare veth path
 
 
+def added_us(rtts):
+    """The tunnel's median round trip over the bare path's, in microseconds."""
+    bare, tunnel = (statistics.median(r for r in rtts[d] if r is not None) for d in
+                    (BARE, TUN_SERVER))
+    return (tunnel - bare) * 1e6
+
+
 def measure(bed, logs, python, key):
     """One version's figures on the bed."""
     out = {}
@@ -37,15 +45,11 @@ def measure(bed, logs, python, key):
         out["tcp_gbit_s"] = tcp_throughput(bed, bed.client, bed.server, TUN_SERVER)
         out["udp1400_pps"] = udp_flood(bed, bed.client, bed.server, TUN_SERVER,
                                        1400)["received_pps"]
-        rtts = ping_interleaved(bed, bed.client, [BARE, TUN_SERVER], count=1000, interval=0.001)
-        bare, tunnel = (statistics.median(r for r in rtts[d] if r is not None) for d in
-                        (BARE, TUN_SERVER))
-        out["rtt_added_us"] = (tunnel - bare) * 1e6
+        out["rtt_added_us"] = added_us(
+            ping_interleaved(bed, bed.client, [BARE, TUN_SERVER], count=1000, interval=0.001))
         rtts, stream = ping_under_stream(bed, bed.client, bed.server, TUN_SERVER,
                                          [BARE, TUN_SERVER], count=500)
-        bare, tunnel = (statistics.median(r for r in rtts[d] if r is not None) for d in
-                        (BARE, TUN_SERVER))
-        out["rtt_loaded_added_us"] = (tunnel - bare) * 1e6
+        out["rtt_loaded_added_us"] = added_us(rtts)
         out["loaded_tcp_gbit_s"] = stream.gbit_per_s
     sealed = ("--key-file", str(key))
     with TunnelPair(bed, logs / "sealed", python=python, server_extra=sealed,
