@@ -165,11 +165,18 @@ cdef class Engine:
                 return WAKE_TIMEOUT
 
     cdef int _tun_to_paths(self) noexcept nogil:
+        """One batch from the TUN, and the rest of a segment it ended inside
+        of. The segment is finished here because epoll cannot wake the loop
+        for it (its bytes are no longer in the TUN), but no new one is read:
+        with a stream's segments queued back to back, reading on while a
+        split straddles the batch would go on for as long as the stream, and
+        the path sockets, with the acknowledgements and replies on them,
+        would wait all that time."""
         cdef Batch *b = &self.batch
         cdef int err
+        b.n = 0
+        err = self.tun.read(b)
         while True:
-            b.n = 0
-            err = self.tun.read(b)
             if b.n:
                 self.ctr.tun_batches += 1
                 if self.peers.fleet:
@@ -178,6 +185,8 @@ cdef class Engine:
                     self._frame_and_send(<Peer>self.peers.at[0], b)
             if err or not self.tun.splitting():
                 return err
+            b.n = 0
+            self.tun.read_split(b)
 
     cdef void _route(self, Batch *b) noexcept nogil:
         """A fleet server: each packet to the peer whose allowed IPs hold

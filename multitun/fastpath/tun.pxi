@@ -52,6 +52,10 @@ cdef class Tun:
                 self._take(b, <size_t>r)
         return 0
 
+    cdef inline void read_split(self, Batch *b) noexcept nogil:
+        """Fill b with the rest of the split under way, reading nothing."""
+        self._split(b)
+
     cdef inline bint splitting(self) noexcept nogil:
         """A split goes on beyond the batch just read."""
         return self.seg.active
