@@ -12,7 +12,7 @@ from hypothesis import given, strategies as st
 
 from multitun import _testing, wire
 
-from multitun.lab.engine_pair import EnginePair
+from multitun.lab.engine_pair import EnginePair, udp4
 
 VNET = struct.Struct("=BBHHHH")  # struct virtio_net_hdr, host byte order
 NEEDS_CSUM, GSO_NONE, GSO_TCPV4, GSO_TCPV6, GSO_UDP_L4 = 1, 0, 1, 4, 5
@@ -228,3 +228,43 @@ def test_coalescing_stops_at_the_largest_ip_packet(pair):
     first = out[0][VNET.size:]
     assert struct.unpack_from("!H", first, 4)[0] == 20 + 7 * mss <= 65535
     assert b"".join(o[VNET.size + 60:] for o in out) == b"".join(payloads)
+
+
+def segment_reads(count: int, size: int = 20000) -> list[bytes]:
+    """``count`` TSO segments of one stream, back to back, as the device
+    queues them (mss 1000)."""
+    return [VNET.pack(NEEDS_CSUM, GSO_TCPV4, 40, 1000, 20, 16)
+            + tcp_packet(os.urandom(size), seq=1 + i * size, partial=True)
+            for i in range(count)]
+
+
+def plain_read(packet: bytes) -> bytes:
+    return VNET.pack(0, GSO_NONE, 0, 0, 0, 0) + packet
+
+
+def test_another_flow_goes_ahead_of_a_streams_queued_segments(pair):
+    # A ping queued in the device behind a stream's segments leaves in the
+    # first batch, ahead of them; a packet of the stream's own flow queued
+    # behind them stays behind them; every segment leaves, in order.
+    ping = udp4(5000, 53, size=84)
+    tail = tcp_packet(b"tail", seq=60001, partial=True)
+    pair.send(0, [*segment_reads(3), plain_read(ping),
+                  VNET.pack(NEEDS_CSUM, GSO_NONE, 0, 0, 20, 16) + tail])
+    sent = [d[wire.HEADER_LEN:] for _ in range(8) for d in wire_packets(pair)]
+    assert sent[0] == ping
+    segments = [check_segment(p, False) for p in sent[1:]]
+    assert [s for s, _, _ in segments] == [1 + i * 1000 for i in range(60)] + [60001]
+    assert segments[-1][2] == b"tail"
+    assert pair.engines[0].stats()["tun_gso_reads"] == 3
+
+
+def test_packets_ahead_of_segments_take_half_a_batch_at_most(pair):
+    # A flood of small packets of other flows behind the segments: the first
+    # batch is half theirs and half the segments', so neither starves.
+    flood = [plain_read(udp4(6000 + i, 53, size=100)) for i in range(200)]
+    pair.send(0, [*segment_reads(2), *flood])
+    first = [d[wire.HEADER_LEN:] for d in wire_packets(pair)]
+    assert len(first) == 64
+    assert sum(1 for p in first if p[9] == 17) == 32
+    assert [check_segment(p, False)[0] for p in first if p[9] == 6] == [
+        1 + i * 1000 for i in range(32)]

@@ -58,7 +58,7 @@ cdef class Engine:
             raise ValueError("a fleet is a server's, and keyed")
         self.epfd = -1
         self.pathset = Paths(socks, server, gso)
-        self.tun = Tun(tun_fd, vnet_hdr)
+        self.tun = Tun(tun_fd, vnet_hdr, int.from_bytes(os.urandom(8), "little"))
         self.control = ControlQueue()
         self.tun.ctr = self.pathset.ctr = self.control.ctr = &self.ctr
         self.peers = Peers(self.pathset, fleet, session, keyed,
@@ -109,11 +109,14 @@ cdef class Engine:
         cdef uint64_t deadline = t + <uint64_t>timeout_ms * 1000000ULL
         cdef uint64_t poll_until = t + self.busy_poll_ns
         cdef int n, i, rc, flags, wait_ms
+        cdef bint tun
         while True:
             # Within busy_poll_ns of the last activity, poll without sleeping
             # (the answer to what was just sent often comes back within it, and
             # a sleeping process costs a wake-up); else sleep to the deadline.
-            if t < poll_until:
+            # Never while the TUN's reads wait here (Tun): epoll cannot say
+            # when to come back for those.
+            if t < poll_until or self.tun.holding():
                 wait_ms = 0
             else:
                 wait_ms = <int>((deadline - t + 999999) // 1000000) if deadline > t else 0
@@ -126,7 +129,8 @@ cdef class Engine:
                 self.failed = TAG_WAKE
                 return -errno
             t = now_ns()
-            if n == 0:
+            tun = self.tun.holding()
+            if n == 0 and not tun:
                 if t >= deadline:
                     return WAKE_TIMEOUT
                 # sched_yield(2): whoever the last packet woke gets this CPU
@@ -142,10 +146,12 @@ cdef class Engine:
                 if events[i].data.u32 >= TAG_TIMER:
                     (<Peer>self.peers.at[events[i].data.u32 - TAG_TIMER]).shaper.on_timer()
                 elif events[i].data.u32 == TAG_TUN:
-                    rc = self._tun_to_paths()
-                    if rc < 0:
-                        self.failed = TAG_TUN
-                        return rc
+                    tun = True
+            if tun:
+                rc = self._tun_to_paths()
+                if rc < 0:
+                    self.failed = TAG_TUN
+                    return rc
             for i in range(n):
                 if events[i].data.u32 == TAG_WAKE:
                     flags |= WAKE_FD
@@ -165,28 +171,19 @@ cdef class Engine:
                 return WAKE_TIMEOUT
 
     cdef int _tun_to_paths(self) noexcept nogil:
-        """One batch from the TUN, and the rest of a segment it ended inside
-        of. The segment is finished here because epoll cannot wake the loop
-        for it (its bytes are no longer in the TUN), but no new one is read:
-        with a stream's segments queued back to back, reading on while a
-        split straddles the batch would go on for as long as the stream, and
-        the path sockets, with the acknowledgements and replies on them,
-        would wait all that time."""
+        """One batch from the TUN, a turn of the loop: the path sockets, with
+        the acknowledgements and replies on them, wait for no more."""
         cdef Batch *b = &self.batch
         cdef int err
         b.n = 0
         err = self.tun.read(b)
-        while True:
-            if b.n:
-                self.ctr.tun_batches += 1
-                if self.peers.fleet:
-                    self._route(b)
-                else:
-                    self._frame_and_send(<Peer>self.peers.at[0], b)
-            if err or not self.tun.splitting():
-                return err
-            b.n = 0
-            self.tun.read_split(b)
+        if b.n:
+            self.ctr.tun_batches += 1
+            if self.peers.fleet:
+                self._route(b)
+            else:
+                self._frame_and_send(<Peer>self.peers.at[0], b)
+        return err
 
     cdef void _route(self, Batch *b) noexcept nogil:
         """A fleet server: each packet to the peer whose allowed IPs hold
