@@ -120,8 +120,10 @@ CONSTANTS = {
 
 # How many peers one engine holds (config.py refuses more), and the rate of
 # first messages above which a server is under load (keying.py's answer rate
-# must not be below it: tests/test_keying.py).
-LIMITS = {"MAX_PEERS": MAX_PEERS, "LOAD_PER_S": LOAD_PER_S, "LOAD_BURST": LOAD_BURST}
+# must not be below it: tests/test_keying.py); what a turn of the loop takes
+# at most (tests/test_offload.py and tests/test_engine.py count on them).
+LIMITS = {"MAX_PEERS": MAX_PEERS, "LOAD_PER_S": LOAD_PER_S, "LOAD_BURST": LOAD_BURST,
+          "BATCH": BATCH, "RX_TURN": RX_TURN}
 
 # The libcrypto that seals packets, as `multitun --version` reports it.
 LIBCRYPTO = OpenSSL_version(OPENSSL_VERSION).decode()

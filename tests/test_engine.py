@@ -8,7 +8,9 @@ import pytest
 
 from multitun import wire
 
-from multitun.lab.engine_pair import EnginePair, ipv4
+from multitun._fastpath import LIMITS
+from multitun.lab.engine_pair import EnginePair, ipv4, udp4
+from multitun.paths import enable_udp_gro
 
 
 @pytest.fixture(params=[(True, False), (False, False), (True, True), (False, True)],
@@ -89,3 +91,30 @@ def test_largest_packets_the_mtu_allows(pair):
     pair.send(0, packets)
     pair.pump()
     assert pair.received(1) == packets
+
+
+@pytest.mark.parametrize("keyed", [False, True], ids=["clear", "sealed"])
+def test_a_sparse_flow_goes_ahead_of_a_backlog_for_the_tun(keyed):
+    # A backlog of one flow in the receiving socket (UDP GRO trains of a
+    # batch each), then a packet of another flow. In one turn the receiver
+    # writes its share of the backlog (and one more: the flow had nothing
+    # waiting yet), then the other flow's packet; the rest of the backlog
+    # waits for the next turn, in order.
+    share, batch = LIMITS["RX_TURN"], LIMITS["BATCH"]
+    pair = EnginePair(keyed=keyed)
+    try:
+        enable_udp_gro(pair.udp[1])
+        a, b = pair.engines
+        bulk = [udp4(7000, 5001, seq=i) for i in range(share + batch)]
+        pair.send(0, bulk)
+        for _ in range(len(bulk) // batch):
+            a.run(0)
+        ping = udp4(7001, 53, size=84)
+        pair.send(0, [ping])
+        a.run(0)
+        b.run(0)
+        assert pair.received(1) == bulk[:share + 1] + [ping]
+        b.run(0)
+        assert pair.received(1) == bulk[share + 1:]
+    finally:
+        pair.close()

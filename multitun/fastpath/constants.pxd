@@ -55,6 +55,13 @@ cdef enum:
     # One buffer slot holds the largest datagram (65535) plus our header and
     # an authentication tag.
     SLOT = 65536 + HEADER_LEN + TAG_LEN
+    # Where packets wait in the engine (the TUN's reads, tun.pxi; packets for
+    # the TUN, receive.pxi), a flow's order is kept by flow buckets (keyed
+    # fq_flow_of, modulo this): a packet waits if its bucket has one waiting.
+    FLOW_BUCKETS = 256
+    # A UDP GRO train holds this many datagrams at most (the kernel's
+    # UDP_GRO_CNT_MAX, net/ipv4/udp_offload.c).
+    GRO_TRAIN_MAX = 64
     # 1024 words = 65536 sequence numbers: at 100k packets/s the paths may
     # differ by 0.65 s of delay before a late first copy counts as too old.
     WINDOW_WORDS = 1024

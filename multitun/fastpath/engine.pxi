@@ -65,7 +65,8 @@ cdef class Engine:
                            int.from_bytes(os.urandom(8), "little"), stale_margin_us * 1000)
         self.rx = Receiver(self.tun, self.pathset, self.peers, self.control,
                            int.from_bytes(os.urandom(8), "little"),
-                           int.from_bytes(os.urandom(8), "little"), os.urandom(32))
+                           int.from_bytes(os.urandom(8), "little"), os.urandom(32),
+                           int.from_bytes(os.urandom(8), "little"))
         self.rx.ctr = &self.ctr
         self.batch.slots = <uint8_t *>malloc(BATCH * SLOT)
         if self.batch.slots == NULL:
@@ -114,9 +115,10 @@ cdef class Engine:
             # Within busy_poll_ns of the last activity, poll without sleeping
             # (the answer to what was just sent often comes back within it, and
             # a sleeping process costs a wake-up); else sleep to the deadline.
-            # Never while the TUN's reads wait here (Tun): epoll cannot say
-            # when to come back for those.
-            if t < poll_until or self.tun.holding():
+            # Never while packets wait here (the TUN's reads, Tun; packets
+            # for the TUN, Receiver): epoll cannot say when to come back for
+            # those.
+            if t < poll_until or self.tun.holding() or self.rx.holding():
                 wait_ms = 0
             else:
                 wait_ms = <int>((deadline - t + 999999) // 1000000) if deadline > t else 0
@@ -130,7 +132,7 @@ cdef class Engine:
                 return -errno
             t = now_ns()
             tun = self.tun.holding()
-            if n == 0 and not tun:
+            if n == 0 and not tun and not self.rx.holding():
                 if t >= deadline:
                     return WAKE_TIMEOUT
                 # sched_yield(2): whoever the last packet woke gets this CPU
@@ -160,6 +162,7 @@ cdef class Engine:
                     if rc < 0:
                         self.failed = events[i].data.u32
                         return rc
+            self.rx.drain()
             if self.control.n:
                 flags |= WAKE_CONTROL
             if self.rx.event or self.pathset.changed:

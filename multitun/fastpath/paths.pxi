@@ -241,18 +241,18 @@ cdef class Paths:
 
     # ----------------------------------------------------------- receiving
 
-    cdef int receive(self, int sock, Endpoint *ep) noexcept nogil:
-        """Take what the socket has queued now into rxmsg[]: how many
-        datagrams (or trains), or -errno if the socket itself is broken.
-        ``ep``: the client's endpoint on the socket's path, which an error
-        the socket reports is counted against (NULL on a server)."""
+    cdef int receive(self, int sock, Endpoint *ep, int first, int count) noexcept nogil:
+        """Take what the socket has queued now into rxmsg[first:first + count]:
+        how many datagrams (or trains), or -errno if the socket itself is
+        broken. ``ep``: the client's endpoint on the socket's path, which an
+        error the socket reports is counted against (NULL on a server)."""
         cdef int r, i, e
-        for i in range(BATCH):
+        for i in range(first, first + count):
             self.rxmsg[i].msg_hdr.msg_namelen = sizeof(sockaddr_storage)
             self.rxmsg[i].msg_hdr.msg_controllen = sizeof(self.rxcmsg[i])
             self.rxmsg[i].msg_hdr.msg_flags = 0
         while True:
-            r = recvmmsg(self.socks[sock], self.rxmsg, BATCH, MSG_DONTWAIT, NULL)
+            r = recvmmsg(self.socks[sock], &self.rxmsg[first], count, MSG_DONTWAIT, NULL)
             if r >= 0:
                 return r
             e = errno

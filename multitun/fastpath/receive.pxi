@@ -7,6 +7,34 @@
 # sources' rates (limiter.pxd). A server under load answers here, with a
 # RETRY, a first message whose source has not proved its address
 # (addresstoken.pxd).
+#
+# What is read is checked at once, but written to the TUN a turn's share at
+# a time (RX_TURN packets): a stream's backlog would otherwise keep the loop
+# here for as long as it takes to write, and a ping read behind it, or due
+# on the TUN, would wait all that time. The rest waits in its receive slot
+# (the slots are a ring) and is written in later turns, the oldest first.
+# Meanwhile the loop reads on into free slots, and a packet whose flow has
+# nothing waiting is written at once, once per flow a turn: a sparse flow
+# (a ping, control, an acknowledgement) goes ahead of the backlog, and no
+# flow's packets change order (flow buckets, as in tun.pxi).
+
+cdef enum:
+    # Packets written to the TUN per turn of the loop, besides sparse ones:
+    # about 100 us of writes. A batch's worth (64) cost a stream a fifth of
+    # its rate in turns of the loop; 512 left a ping waiting as before.
+    RX_TURN = 4 * BATCH
+    # What may wait: every receive slot's train, whole.
+    RX_WAITING = BATCH * GRO_TRAIN_MAX
+
+
+cdef struct Waiting:
+    # A packet (in clear) for the TUN, where it is in its receive slot, and
+    # its flow bucket.
+    uint8_t *p
+    uint32_t n
+    uint16_t slot
+    uint16_t bucket
+
 
 @cython.final
 cdef class Receiver:
@@ -25,10 +53,34 @@ cdef class Receiver:
     # those that did are held to their rate apart from the rest.
     cdef AddressCheck addresses
     cdef SourceLimiter proven
+    # The receive slots (Paths.rxmsg) in use, a ring: from ``first``, ``used``
+    # of them hold packets that wait (slot_waiting: how many each); and the
+    # slot being read.
+    cdef int first
+    cdef int used
+    cdef uint16_t slot_waiting[BATCH]
+    cdef int slot
+    # What waits, the oldest first (a ring of RX_WAITING from whead), how
+    # much of it per flow bucket, the turn each bucket last went ahead in,
+    # this turn's number and what it wrote.
+    cdef Waiting *waiting
+    cdef int whead
+    cdef int wcount
+    cdef uint16_t per_bucket[FLOW_BUCKETS]
+    cdef uint32_t ahead_turn[FLOW_BUCKETS]
+    cdef uint32_t turn
+    cdef int written
+    cdef uint64_t flow_key
 
     def __cinit__(self, Tun tun, Paths paths, Peers peers, ControlQueue control,
-                  uint64_t limiter_key, uint64_t proven_key, const uint8_t[:] token_key):
+                  uint64_t limiter_key, uint64_t proven_key, const uint8_t[:] token_key,
+                  uint64_t flow_key):
         self.tun = tun
+        self.flow_key = flow_key
+        self.turn = 1
+        self.waiting = <Waiting *>malloc(RX_WAITING * sizeof(Waiting))
+        if self.waiting == NULL:
+            raise MemoryError()
         self.paths = paths
         self.peers = peers
         self.control = control
@@ -39,23 +91,33 @@ cdef class Receiver:
 
     def __dealloc__(self):
         address_check_free(&self.addresses)
+        free(self.waiting)
 
     cdef int from_path(self, int sock) noexcept nogil:
-        """What path socket sock has queued: checked, delivered, answered or
-        queued for Python; 0, or -errno if the socket broke."""
+        """What path socket sock has queued, as far as free receive slots
+        hold it: checked, written to the TUN or left waiting (drain()),
+        answered or queued for Python; 0, or -errno if the socket broke."""
         cdef int r, i
+        cdef int tail = (self.first + self.used) % BATCH
+        cdef int room = BATCH - self.used
         cdef size_t n, seg, off
         cdef uint8_t *p
         cdef msghdr *m
         cdef uint64_t now
+        if room > BATCH - tail:
+            room = BATCH - tail  # to the end of the ring: the rest next turn
+        if room == 0:
+            return 0  # every slot holds what waits: the socket keeps the rest
         # A client's socket is its path: an error it reports is that path's.
         r = self.paths.receive(sock, NULL if self.paths.server else
-                               &(<Peer>self.peers.at[0]).eps[sock])
+                               &(<Peer>self.peers.at[0]).eps[sock], tail, room)
         if r <= 0:
             return r
         now = now_ns()
         self.ctr.rx_batches += 1
-        for i in range(r):
+        for i in range(tail, tail + r):
+            self.slot = i
+            self.slot_waiting[i] = 0
             m = &self.paths.rxmsg[i].msg_hdr
             p = <uint8_t *>self.paths.rxiov[i].iov_base
             n = self.paths.rxmsg[i].msg_len
@@ -76,8 +138,64 @@ cdef class Receiver:
             while off < n:
                 self._receive(sock, p + off, seg if n - off > seg else n - off, m, now)
                 off += seg
-        self.tun.flush()
+        self.used += r
+        self._free_slots()
         return 0
+
+    cdef inline bint holding(self) noexcept nogil:
+        """Packets wait for the TUN: the engine comes back for them without a
+        socket turning readable."""
+        return self.wcount != 0
+
+    cdef void drain(self) noexcept nogil:
+        """The end of a turn of the loop: what waits is written, the oldest
+        first, up to the turn's share; then the next turn begins."""
+        cdef Waiting *w
+        while self.wcount and self.written < RX_TURN:
+            w = &self.waiting[self.whead]
+            self.tun.write(w.p, w.n)
+            self.per_bucket[w.bucket] -= 1
+            self.slot_waiting[w.slot] -= 1
+            self.whead = (self.whead + 1) % RX_WAITING
+            self.wcount -= 1
+            self.written += 1
+        self.tun.flush()
+        self._free_slots()
+        self.written = 0
+        self.turn += 1
+
+    cdef inline void _free_slots(self) noexcept nogil:
+        while self.used and self.slot_waiting[self.first] == 0:
+            self.first = (self.first + 1) % BATCH
+            self.used -= 1
+        if self.used == 0:
+            self.first = 0  # the whole ring is free: one read may fill it
+
+    cdef void _to_tun(self, uint8_t *p, size_t n) noexcept nogil:
+        """A packet for the TUN: written now while nothing waits and the
+        turn's share is not spent, or if its flow has nothing waiting and has
+        not gone ahead yet this turn (a sparse flow); else it waits, after
+        the rest."""
+        cdef uint32_t bucket
+        cdef Waiting *w
+        if self.wcount == 0 and self.written < RX_TURN:
+            self.written += 1
+            self.tun.write(p, n)
+            return
+        bucket = fq_flow_of(p, n, self.flow_key) % FLOW_BUCKETS
+        if (self.per_bucket[bucket] == 0 and self.ahead_turn[bucket] != self.turn) or \
+                self.wcount == RX_WAITING:
+            self.ahead_turn[bucket] = self.turn
+            self.tun.write(p, n)
+            return
+        w = &self.waiting[(self.whead + self.wcount) % RX_WAITING]
+        w.p = p
+        w.n = <uint32_t>n
+        w.slot = <uint16_t>self.slot
+        w.bucket = <uint16_t>bucket
+        self.wcount += 1
+        self.per_bucket[bucket] += 1
+        self.slot_waiting[self.slot] += 1
 
     cdef void _receive(self, int sock, uint8_t *p, size_t n, msghdr *m,
                        uint64_t now) noexcept nogil:
@@ -213,7 +331,7 @@ cdef class Receiver:
             peer.c.delivered += 1
             peer.c.delivered_bytes += n - HEADER_LEN
             ep.c.first_arrivals += 1
-            self.tun.write(p + HEADER_LEN, n - HEADER_LEN)
+            self._to_tun(p + HEADER_LEN, n - HEADER_LEN)
         elif verdict == W_DUPLICATE:
             self.ctr.duplicates += 1
             ep.c.duplicates += 1

@@ -6,13 +6,11 @@
 # packets.
 
 cdef enum:
-    # Reads from the TUN that wait in the engine (Tun, below): how many at
-    # most, and the flow buckets that say whose they are. Eight segments
+    # Reads from the TUN that wait in the engine (Tun, below). Eight segments
     # (512 KiB) take in the backlog a stream keeps in the device; 32 were no
     # better for a ping, and cost a sealed stream 8% of its rate (what
     # waits no longer stays in the L2 cache between its read and its split).
     HELD = 8
-    HELD_BUCKETS = 256
 
 
 cdef struct Held:
@@ -44,7 +42,7 @@ cdef class Tun:
     cdef uint8_t *heldbuf
     cdef int head
     cdef int count
-    cdef uint16_t per_bucket[HELD_BUCKETS]
+    cdef uint16_t per_bucket[FLOW_BUCKETS]
     cdef uint64_t flow_key
     cdef Segmenter seg
     cdef bint started
@@ -116,7 +114,7 @@ cdef class Tun:
         memcpy(&h, pkt - VNET_HDR_LEN, VNET_HDR_LEN)
         if h.gso_type & ~VNET_GSO_ECN == VNET_GSO_NONE:
             if self.count:
-                bucket = fq_flow_of(pkt, n, self.flow_key) % HELD_BUCKETS
+                bucket = fq_flow_of(pkt, n, self.flow_key) % FLOW_BUCKETS
             if self.count == 0 or self.per_bucket[bucket] == 0:
                 if pkt != next_packet(b):
                     memcpy(next_packet(b), pkt, n)
@@ -124,7 +122,7 @@ cdef class Tun:
                 return
         else:
             self.ctr.tun_gso_reads += 1
-            bucket = fq_flow_of(pkt, n, self.flow_key) % HELD_BUCKETS
+            bucket = fq_flow_of(pkt, n, self.flow_key) % FLOW_BUCKETS
         if pkt != at:
             memcpy(at, pkt, n)
         e = &self.held[slot]
