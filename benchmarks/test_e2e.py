@@ -137,6 +137,11 @@ def test_added_rtt_under_load(benchmark, pair):
            stream_gbit_s=round(result["stream"].gbit_per_s, 2),
            tunnel_ping_loss_pct=round(100 * (1 - len(answered) / len(rtts[TUN_SERVER])), 2))
     assert answered
+    if pair.command is None:
+        # +0.25 to +0.35 ms on this bed (the aim: +0.3 ms), against +1.0 to
+        # +1.5 ms before the engine read ahead of the stream's backlogs: this
+        # bound catches their return, not a miss of the aim.
+        assert added <= 600
 
 
 IMPAIRED = [(Impairment(delay_ms=10, jitter_ms=3, loss_pct=5),) * 2,
