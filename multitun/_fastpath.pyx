@@ -21,7 +21,8 @@ The parts (docs/ARCHITECTURE.md describes each), in multitun/fastpath/:
   coalescing (coalesce.pxd), socket addresses and control messages
   (addresses.pxd), the handshake limiter per source (limiter.pxd), a fleet
   server's allowed IPs (routes.pxd) and key ids (keyindex.pxd), a paced
-  path's flow queue (flowqueue.pxd) and its CoDel (codel.pxd); the constants
+  path's flow queue (flowqueue.pxd) and its CoDel (codel.pxd), the packets
+  that wait for a later turn to be written to the TUN (backlog.pxd); the constants
   (constants.pxd) and counters (counters.pxd);
 - stateful, a ``final`` class each, ``include``d here: the TUN boundary
   (tun.pxi), the keys (keyring.pxi), path I/O (paths.pxi), the control
@@ -71,6 +72,10 @@ from .fastpath.addresstoken cimport (
     address_check_init, address_token, loaded, token_valid, under_load,
 )
 from .fastpath.codel cimport CODEL_INTERVAL_NS, CODEL_TARGET_NS
+from .fastpath.backlog cimport (
+    RX_TURN, Backlog, Waiting, backlog_free, backlog_init, backlog_next, backlog_now,
+    backlog_push, backlog_turn,
+)
 from .fastpath.routes cimport (
     ROUTE_NONE, RouteFamily, RouteTable, route_add, route_of_packet, routes_alloc,
     routes_free,

@@ -9,32 +9,9 @@
 # (addresstoken.pxd).
 #
 # What is read is checked at once, but written to the TUN a turn's share at
-# a time (RX_TURN packets): a stream's backlog would otherwise keep the loop
-# here for as long as it takes to write, and a ping read behind it, or due
-# on the TUN, would wait all that time. The rest waits in its receive slot
-# (the slots are a ring) and is written in later turns, the oldest first.
-# Meanwhile the loop reads on into free slots, and a packet whose flow has
-# nothing waiting is written at once, once per flow a turn: a sparse flow
-# (a ping, control, an acknowledgement) goes ahead of the backlog, and no
-# flow's packets change order (flow buckets, as in tun.pxi).
-
-cdef enum:
-    # Packets written to the TUN per turn of the loop, besides sparse ones:
-    # about 60 us of writes. Against 256, a ping under a stream waited 0.68
-    # times as long, and the stream kept its rate; 64 cut the wait further
-    # (0.55) but cost the stream 5 to 7%.
-    RX_TURN = 2 * BATCH
-    # What may wait: every receive slot's train, whole.
-    RX_WAITING = BATCH * GRO_TRAIN_MAX
-
-
-cdef struct Waiting:
-    # A packet (in clear) for the TUN, where it is in its receive slot, and
-    # its flow bucket.
-    uint8_t *p
-    uint32_t n
-    uint16_t slot
-    uint16_t bucket
+# a time (backlog.pxd): the rest waits in its receive slot (the slots are a
+# ring) while the loop reads on into free slots, and a ping read behind a
+# stream's backlog is written ahead of it.
 
 
 @cython.final
@@ -61,26 +38,14 @@ cdef class Receiver:
     cdef int used
     cdef uint16_t slot_waiting[BATCH]
     cdef int slot
-    # What waits, the oldest first (a ring of RX_WAITING from whead), how
-    # much of it per flow bucket, the turn each bucket last went ahead in,
-    # this turn's number and what it wrote.
-    cdef Waiting *waiting
-    cdef int whead
-    cdef int wcount
-    cdef uint16_t per_bucket[FLOW_BUCKETS]
-    cdef uint32_t ahead_turn[FLOW_BUCKETS]
-    cdef uint32_t turn
-    cdef int written
-    cdef uint64_t flow_key
+    # The packets for the TUN that wait for a later turn.
+    cdef Backlog backlog
 
     def __cinit__(self, Tun tun, Paths paths, Peers peers, ControlQueue control,
                   uint64_t limiter_key, uint64_t proven_key, const uint8_t[:] token_key,
                   uint64_t flow_key):
         self.tun = tun
-        self.flow_key = flow_key
-        self.turn = 1
-        self.waiting = <Waiting *>malloc(RX_WAITING * sizeof(Waiting))
-        if self.waiting == NULL:
+        if not backlog_init(&self.backlog, flow_key):
             raise MemoryError()
         self.paths = paths
         self.peers = peers
@@ -92,7 +57,7 @@ cdef class Receiver:
 
     def __dealloc__(self):
         address_check_free(&self.addresses)
-        free(self.waiting)
+        backlog_free(&self.backlog)
 
     cdef int from_path(self, int sock) noexcept nogil:
         """What path socket sock has queued, as far as free receive slots
@@ -146,28 +111,23 @@ cdef class Receiver:
     cdef inline bint holding(self) noexcept nogil:
         """Packets wait for the TUN: the engine comes back for them without a
         socket turning readable."""
-        return self.wcount != 0
+        return self.backlog.count != 0
 
     cdef void drain(self) noexcept nogil:
         """The end of a turn of the loop: what waits is written, the oldest
         first, up to the turn's share; then the next turn begins."""
-        cdef Waiting *w
-        while self.wcount and self.written < RX_TURN:
-            w = &self.waiting[self.whead]
+        cdef Waiting *w = backlog_next(&self.backlog)
+        while w != NULL:
             self.tun.write(w.p, w.n)
-            self.per_bucket[w.bucket] -= 1
             self.slot_waiting[w.slot] -= 1
-            self.whead = (self.whead + 1) % RX_WAITING
-            self.wcount -= 1
-            self.written += 1
-        if self.wcount == 0:
+            w = backlog_next(&self.backlog)
+        if self.backlog.count == 0:
             # A run of TCP segments being coalesced goes on into the next
             # turn while more of it waits: cut at each turn, it would make
             # smaller writes, and the receiver acknowledge more often.
             self.tun.flush()
         self._free_slots()
-        self.written = 0
-        self.turn += 1
+        backlog_turn(&self.backlog)
 
     cdef inline void _free_slots(self) noexcept nogil:
         while self.used and self.slot_waiting[self.first] == 0:
@@ -177,29 +137,12 @@ cdef class Receiver:
             self.first = 0  # the whole ring is free: one read may fill it
 
     cdef void _to_tun(self, uint8_t *p, size_t n) noexcept nogil:
-        """A packet for the TUN: written now while nothing waits and the
-        turn's share is not spent, or if its flow has nothing waiting and has
-        not gone ahead yet this turn (a sparse flow); else it waits, after
-        the rest."""
+        """A packet for the TUN: written now, or left waiting in its slot."""
         cdef uint32_t bucket
-        cdef Waiting *w
-        if self.wcount == 0 and self.written < RX_TURN:
-            self.written += 1
+        if backlog_now(&self.backlog, p, n, &bucket):
             self.tun.write(p, n)
             return
-        bucket = fq_flow_of(p, n, self.flow_key) % FLOW_BUCKETS
-        if (self.per_bucket[bucket] == 0 and self.ahead_turn[bucket] != self.turn) or \
-                self.wcount == RX_WAITING:
-            self.ahead_turn[bucket] = self.turn
-            self.tun.write(p, n)
-            return
-        w = &self.waiting[(self.whead + self.wcount) % RX_WAITING]
-        w.p = p
-        w.n = <uint32_t>n
-        w.slot = <uint16_t>self.slot
-        w.bucket = <uint16_t>bucket
-        self.wcount += 1
-        self.per_bucket[bucket] += 1
+        backlog_push(&self.backlog, p, n, self.slot, bucket)
         self.slot_waiting[self.slot] += 1
 
     cdef void _receive(self, int sock, uint8_t *p, size_t n, msghdr *m,
