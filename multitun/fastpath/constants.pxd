@@ -56,7 +56,7 @@ cdef enum:
     # an authentication tag.
     SLOT = 65536 + HEADER_LEN + TAG_LEN
     # Where packets wait in the engine (the TUN's reads, tun.pxi; packets for
-    # the TUN, receive.pxi), a flow's order is kept by flow buckets (keyed
+    # the TUN, backlog.pxd), a flow's order is kept by flow buckets (keyed
     # fq_flow_of, modulo this): a packet waits if its bucket has one waiting.
     FLOW_BUCKETS = 256
     # A UDP GRO train holds this many datagrams at most (the kernel's
