@@ -109,7 +109,7 @@ cdef class Engine:
         cdef uint64_t t = now_ns()
         cdef uint64_t deadline = t + <uint64_t>timeout_ms * 1000000ULL
         cdef uint64_t poll_until = t + self.busy_poll_ns
-        cdef int n, i, rc, flags, wait_ms
+        cdef int n, m, i, rc, flags, wait_ms
         cdef bint tun
         while True:
             # Within busy_poll_ns of the last activity, poll without sleeping
@@ -154,9 +154,17 @@ cdef class Engine:
                 if rc < 0:
                     self.failed = TAG_TUN
                     return rc
+                # What the sockets hold is as old as the batch just sent: a
+                # reply that arrived meanwhile is read in this turn, not
+                # after the next batch as well.
+                m = epoll_wait(self.epfd, events, MAX_PATHS + 3, 0)
+                if m >= 0:
+                    n = m
             for i in range(n):
                 if events[i].data.u32 == TAG_WAKE:
                     flags |= WAKE_FD
+                elif events[i].data.u32 >= TAG_TIMER:
+                    (<Peer>self.peers.at[events[i].data.u32 - TAG_TIMER]).shaper.on_timer()
                 elif events[i].data.u32 < TAG_TUN:
                     rc = self.rx.from_path(events[i].data.u32)
                     if rc < 0:
