@@ -163,7 +163,7 @@ cdef class Engine:
             for i in range(n):
                 if events[i].data.u32 == TAG_WAKE:
                     flags |= WAKE_FD
-                elif events[i].data.u32 >= TAG_TIMER:
+                elif events[i].data.u32 >= TAG_TIMER and tun:  # fired during the batch
                     (<Peer>self.peers.at[events[i].data.u32 - TAG_TIMER]).shaper.on_timer()
                 elif events[i].data.u32 < TAG_TUN:
                     rc = self.rx.from_path(events[i].data.u32)
