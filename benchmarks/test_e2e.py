@@ -17,8 +17,8 @@ from multitun import _fastpath
 from multitun.lab.emulator import Impairment
 from multitun.lab.tunnel_pair import key_args
 from multitun.lab import (
-    TUN_SERVER, Bed, TunnelPair, latency_probe, percentile, ping_interleaved, ping_under_stream,
-    summarise, tcp_throughput, udp_flood, udp_stream,
+    TUN_SERVER, Bed, TunnelPair, added_under_stream, latency_probe, ping_interleaved, summarise,
+    tcp_throughput, udp_flood, udp_stream,
 )
 
 from .conftest import requires_root
@@ -118,30 +118,59 @@ def test_added_rtt_idle(benchmark, tunnel_cmd, tmp_path, mode):
 
 def test_added_rtt_under_load(benchmark, pair):
     """The same, while one TCP stream fills the tunnel: the median and the
-    99th percentile added to the bare path's, and the stream's rate."""
-    bed = pair.bed
+    99th percentile added to the bare path's, and the stream's rate. Twice:
+    as the pair runs on this machine, where its two ends share the CPUs with
+    the stream's, and with each end on a CPU of its own, as on two hosts."""
     result = {}
 
     def measure():
-        result["rtts"], result["stream"] = ping_under_stream(
-            bed, bed.client, bed.server, TUN_SERVER, [BARE, TUN_SERVER])
+        result["shared"] = added_under_stream(pair.bed, BARE, TUN_SERVER)
+        with pair.own_cpus() as apart:
+            if apart:
+                result["own_cpus"] = added_under_stream(pair.bed, BARE, TUN_SERVER)
 
     benchmark.pedantic(measure, rounds=1, iterations=1)
-    rtts = result["rtts"]
-    answered = [r for r in rtts[TUN_SERVER] if r is not None]
-    bare = [r for r in rtts[BARE] if r is not None]
-    added = (statistics.median(answered) - statistics.median(bare)) * 1e6
-    record(benchmark, scenario="rtt-loaded", bare_median_us=round(statistics.median(bare) * 1e6, 1),
-           tunnel_median_us=round(statistics.median(answered) * 1e6, 1), added_us=round(added, 1),
-           p99_added_us=round((percentile(answered, 99) - percentile(bare, 99)) * 1e6, 1),
-           stream_gbit_s=round(result["stream"].gbit_per_s, 2),
-           tunnel_ping_loss_pct=round(100 * (1 - len(answered) / len(rtts[TUN_SERVER])), 2))
-    assert answered
+    record(benchmark, scenario="rtt-loaded", **{
+        f"{bed}_{k}": v for bed, figures in result.items() for k, v in figures.items()})
     if pair.command is None:
-        # +0.25 to +0.35 ms on this bed (the aim: +0.3 ms), against +1.0 to
-        # +1.5 ms before the engine read ahead of the stream's backlogs: this
-        # bound catches their return, not a miss of the aim.
-        assert added <= 600
+        # +0.2 to +0.35 ms on this 2-CPU machine (the aim: +0.3 ms), against
+        # +1.0 to +1.5 ms before the engine read ahead of the stream's
+        # backlogs: this bound catches their return, not a miss of the aim.
+        assert result["shared"]["added_us"] <= 600
+
+
+def test_low_latency_under_load(benchmark, tmp_path):
+    """What --low-latency trades when the tunnel is the bottleneck: pairs with
+    and without it in turn on one bed. With each end on a CPU of its own (as
+    on two hosts), the round trip added (median, 99th percentile) while one
+    TCP stream fills the tunnel, and the stream's rate; as the pair runs
+    here, one TCP stream's rate and 1400-byte datagrams a second. Medians
+    over the rounds."""
+    runs = {"default": [], "low_latency": []}
+    with Bed(2) as bed:
+        def rounds():
+            for i in range(3):
+                for name, extra in (("default", ()), ("low_latency", ("--low-latency",))):
+                    logs = tmp_path / f"{name}{i}"
+                    logs.mkdir()
+                    with TunnelPair(bed, logs, server_extra=extra,
+                                    client_extra=extra) as pair:
+                        pair.wait_carrying()
+                        with pair.own_cpus():
+                            figures = added_under_stream(bed, BARE, TUN_SERVER)
+                        figures["tcp_gbit_s"] = round(
+                            tcp_throughput(bed, bed.client, bed.server, TUN_SERVER), 2)
+                        figures["udp1400_pps"] = udp_flood(bed, bed.client, bed.server, TUN_SERVER,
+                                                           1400)["received_pps"]
+                        runs[name].append(figures)
+
+        benchmark.pedantic(rounds, rounds=1, iterations=1)
+    figures = {f"{name}_{k}": statistics.median(r[k] for r in rs)
+               for name, rs in runs.items() for k in rs[0]}
+    record(benchmark, scenario="low-latency-loaded", **figures)
+    # The trade is large on this bed (the 99th percentile about halves): the
+    # bound checks its direction only.
+    assert figures["low_latency_p99_added_us"] < figures["default_p99_added_us"]
 
 
 IMPAIRED = [(Impairment(delay_ms=10, jitter_ms=3, loss_pct=5),) * 2,

@@ -9,17 +9,18 @@ of a virtual environment that has the other version installed:
 Every round starts a tunnel pair of each version in turn on the same bed and
 measures one TCP stream, 1400-byte UDP datagrams per second, the idle round
 trip added to the bare path's, the round trip added while one TCP stream fills
-the tunnel and that stream's rate, and one TCP stream sealed (--key-file). The
-figures are medians over the rounds; the ratios are this version's over the
-other's (round trip: the other's over this one's, so that above 1 is better
-everywhere).
+the tunnel (median and 99th percentile) and that stream's rate, the same with
+each end of the tunnel on a CPU of its own ("apart", as on two hosts), and one
+TCP stream sealed (--key-file). The figures are medians over the rounds; the
+ratios are this version's over the other's (round trip: the other's over this
+one's, so that above 1 is better everywhere).
 """
 
 import statistics
 
 from multitun.keyfile import generate_key
 from multitun.lab import (
-    Bed, TUN_SERVER, TunnelPair, ping_interleaved, ping_under_stream, tcp_throughput, udp_flood,
+    Bed, TUN_SERVER, TunnelPair, added_under_stream, ping_interleaved, tcp_throughput, udp_flood,
 )
 
 from .conftest import requires_root
@@ -37,6 +38,15 @@ def added_us(rtts):
     return (tunnel - bare) * 1e6
 
 
+def loaded(bed, name):
+    """The round trip added while one TCP stream fills the tunnel (median and
+    99th percentile), and that stream's rate."""
+    figures = added_under_stream(bed, BARE, TUN_SERVER)
+    return {f"rtt_{name}_added_us": figures["added_us"],
+            f"rtt_{name}_p99_added_us": figures["p99_added_us"],
+            f"{name}_tcp_gbit_s": figures["stream_gbit_s"]}
+
+
 def measure(bed, logs, python, key):
     """One version's figures on the bed."""
     out = {}
@@ -47,10 +57,10 @@ def measure(bed, logs, python, key):
                                        1400)["received_pps"]
         out["rtt_added_us"] = added_us(
             ping_interleaved(bed, bed.client, [BARE, TUN_SERVER], count=1000, interval=0.001))
-        rtts, stream = ping_under_stream(bed, bed.client, bed.server, TUN_SERVER,
-                                         [BARE, TUN_SERVER], count=500)
-        out["rtt_loaded_added_us"] = added_us(rtts)
-        out["loaded_tcp_gbit_s"] = stream.gbit_per_s
+        out.update(loaded(bed, "loaded"))
+        with pair.own_cpus() as apart:
+            if apart:
+                out.update(loaded(bed, "apart"))
     sealed = ("--key-file", str(key))
     with TunnelPair(bed, logs / "sealed", python=python, server_extra=sealed,
                     client_extra=sealed) as pair:

@@ -197,9 +197,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--log-format", choices=("text", "json"), default="text",
                    help="log lines as text (default) or as one JSON object each")
     p.add_argument("--low-latency", action="store_true",
-                   help="trade power for round-trip time: keep this host's idle CPUs "
-                        "out of sleep states while running (PM QoS, /dev/cpu_dma_latency "
-                        "= 0), and poll for 300 us after each packet before sleeping")
+                   help="trade power and throughput for round-trip time: keep this host's "
+                        "idle CPUs out of sleep states while running (PM QoS, "
+                        "/dev/cpu_dma_latency = 0), poll for 300 us after each packet before "
+                        "sleeping, and while busy let the tasks that wait for the tunnel's CPU "
+                        "run every 0.1 ms")
     p.add_argument("--busy-poll", dest="busy_poll_us", type=_checked(_microseconds),
                    metavar="USEC",
                    help="after each packet, poll this long before sleeping (default 0, or "

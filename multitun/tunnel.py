@@ -110,7 +110,7 @@ class Tunnel:
                 (wake_fd, *role.wake_fds(), *([self.handshakes.fd] if self.handshakes else [])),
                 gso=gso, busy_poll_us=cfg.effective_busy_poll_us, keyed=cfg.keyed,
                 vnet_hdr=device.vnet_hdr, stale_margin_us=int(cfg.stale_margin_ms * 1000),
-                fleet=bool(cfg.peers))
+                fleet=bool(cfg.peers), share_cpu=cfg.low_latency)
             self.peers = Peers(cfg, self.engine, keying)
             role.start(self.engine, self.peers)
             self._gso, self._wake_fd = gso, wake_fd

@@ -70,6 +70,28 @@ def test_transfers_intact_without_offload(bed, tmp_path):
             assert counters["tun_gso_reads"] == counters["gro_writes"] == 0
 
 
+def test_low_latency_transfers_intact_with_the_ends_apart(bed, tmp_path):
+    # --low-latency: the busy loop yields its CPU every 0.1 ms. Both ways, a
+    # TCP stream through the offloads arrives whole, with each end on a CPU
+    # of its own and then sharing them again.
+    low = ("--low-latency",)
+    with TunnelPair(bed, tmp_path, server_extra=low, client_extra=low) as pair:
+        pair.wait_carrying()
+        every = os.sched_getaffinity(0)
+        with pair.own_cpus() as apart:
+            if apart:
+                ends = [os.sched_getaffinity(p.pid) for p in (pair.server, pair.client)]
+                assert all(len(cpus) == 1 for cpus in ends) and ends[0] != ends[1]
+            for src, dst_ns, dst in ((bed.client, bed.server, TUN_SERVER),
+                                     (bed.server, bed.client, TUN_CLIENT)):
+                data = os.urandom(24 << 20)
+                result = tcp_transfer(bed, src, dst_ns, dst, data=data)
+                assert result.received_sha256 == result.sent_sha256
+        assert os.sched_getaffinity(pair.client.pid) == every
+        result = tcp_transfer(bed, bed.client, bed.server, TUN_SERVER, data=os.urandom(8 << 20))
+        assert result.received_sha256 == result.sent_sha256
+
+
 def test_path_refusing_gso_falls_back(tunnel):
     # A path whose MTU is below the tunnel's datagrams (PPPoE, some LTE links)
     # refuses UDP GSO trains (EINVAL, or EMSGSIZE on newer kernels). That path alone drops to single datagrams, which the kernel

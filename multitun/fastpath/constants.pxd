@@ -59,6 +59,9 @@ cdef enum:
     # the TUN, backlog.pxd), a flow's order is kept by flow buckets (keyed
     # fq_flow_of, modulo this): a packet waits if its bucket has one waiting.
     FLOW_BUCKETS = 256
+    # With share_cpu, a loop that does not sleep lets the tasks waiting for
+    # its CPU run once in this long (engine.pxi): about a turn under a stream.
+    YIELD_EVERY_NS = 100000
     # A UDP GRO train holds this many datagrams at most (the kernel's
     # UDP_GRO_CNT_MAX, net/ipv4/udp_offload.c).
     GRO_TRAIN_MAX = 64

@@ -45,13 +45,16 @@ cdef class Engine:
     cdef Batch share
     # After activity, poll this long before sleeping in epoll_wait (0: never).
     cdef uint64_t busy_poll_ns
+    # Let the tasks waiting for this CPU run while the loop does not sleep.
+    cdef bint share_cpu
     # What failed when _run() returned an error: TAG_TUN, TAG_WAKE (epoll
     # itself) or a path socket's index.
     cdef uint32_t failed
 
     def __cinit__(self, int tun_fd, socks, bint server, uint32_t session,
                   wake_fds=(), bint gso=False, int busy_poll_us=0, bint keyed=False,
-                  bint vnet_hdr=False, uint64_t stale_margin_us=60000, bint fleet=False):
+                  bint vnet_hdr=False, uint64_t stale_margin_us=60000, bint fleet=False,
+                  bint share_cpu=False):
         if session == 0:
             raise ValueError("session must be non-zero")
         if fleet and not (server and keyed):
@@ -72,6 +75,7 @@ cdef class Engine:
         if self.batch.slots == NULL:
             raise MemoryError()
         self.busy_poll_ns = <uint64_t>busy_poll_us * 1000
+        self.share_cpu = share_cpu
         self.epfd = epoll_create1(EPOLL_CLOEXEC)
         if self.epfd < 0:
             raise OSError(errno, os.strerror(errno))
@@ -109,6 +113,7 @@ cdef class Engine:
         cdef uint64_t t = now_ns()
         cdef uint64_t deadline = t + <uint64_t>timeout_ms * 1000000ULL
         cdef uint64_t poll_until = t + self.busy_poll_ns
+        cdef uint64_t ran_from = t  # when the loop last slept or yielded
         cdef int n, m, i, rc, flags, wait_ms
         cdef bint tun
         while True:
@@ -120,6 +125,18 @@ cdef class Engine:
             # those.
             if t < poll_until or self.tun.holding() or self.rx.holding():
                 wait_ms = 0
+                # A loop that never sleeps keeps its CPU until the scheduler's
+                # tick takes it away (4 ms at HZ=250 without full preemption):
+                # a task that waits for this CPU, such as an application on
+                # the tunnel, waits that long. With share_cpu, sched_yield(2)
+                # lets it run every YIELD_EVERY_NS; when nothing waits it
+                # returns at once (kernel/sched/fair.c, yield_task_fair). The
+                # price: a task that never sleeps gets the CPU for its whole
+                # slice at each yield, so a tunnel that is the bottleneck
+                # forwards less.
+                if self.share_cpu and t - ran_from >= YIELD_EVERY_NS:
+                    sched_yield()
+                    ran_from = t
             else:
                 wait_ms = <int>((deadline - t + 999999) // 1000000) if deadline > t else 0
             n = epoll_wait(self.epfd, events, MAX_PATHS + 3, wait_ms)
@@ -131,6 +148,8 @@ cdef class Engine:
                 self.failed = TAG_WAKE
                 return -errno
             t = now_ns()
+            if wait_ms:
+                ran_from = t
             tun = self.tun.holding()
             if n == 0 and not tun and not self.rx.holding():
                 if t >= deadline:
@@ -138,6 +157,7 @@ cdef class Engine:
                 # sched_yield(2): whoever the last packet woke gets this CPU
                 # at once; polling must never delay the traffic it waits for.
                 sched_yield()
+                ran_from = t
                 continue
             poll_until = t + self.busy_poll_ns
             flags = 0

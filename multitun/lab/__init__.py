@@ -16,14 +16,14 @@ The test suite, the benchmarks and ``multitun demo`` are built on it.
 from .bed import PATH_NETS, Bed, BedPath
 from .capture import Capture
 from .traffic import (
-    Transfer, latency_probe, percentile, ping, ping_interleaved, ping_under_stream, summarise,
-    tcp_throughput, tcp_transfer, udp_flood, udp_stream, wait_udp,
+    Transfer, added_under_stream, latency_probe, percentile, ping, ping_interleaved,
+    ping_under_stream, summarise, tcp_throughput, tcp_transfer, udp_flood, udp_stream, wait_udp,
 )
 from .tunnel_pair import TUN_CLIENT, TUN_CLIENT6, TUN_SERVER, TUN_SERVER6, TunnelPair
 
 __all__ = [
     "PATH_NETS", "Bed", "BedPath", "Capture", "Transfer", "TUN_CLIENT", "TUN_CLIENT6", "TUN_SERVER",
-    "TUN_SERVER6", "TunnelPair", "latency_probe", "percentile", "ping", "ping_interleaved",
-    "ping_under_stream", "summarise", "tcp_throughput", "tcp_transfer", "udp_flood",
-    "udp_stream", "wait_udp",
+    "TUN_SERVER6", "TunnelPair", "added_under_stream", "latency_probe", "percentile", "ping",
+    "ping_interleaved", "ping_under_stream", "summarise", "tcp_throughput", "tcp_transfer",
+    "udp_flood", "udp_stream", "wait_udp",
 ]

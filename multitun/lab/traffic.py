@@ -11,6 +11,7 @@ import select
 import shutil
 import signal
 import socket
+import statistics
 import struct
 import subprocess
 import sys
@@ -400,3 +401,20 @@ def ping_under_stream(bed: Bed, src_ns: str, dst_ns: str, stream_dst: str, dsts:
     rtts = ping_interleaved(bed, src_ns, dsts, count=count, interval=interval)
     load.join()
     return rtts, stream[0]
+
+
+def added_under_stream(bed: Bed, bare: str, tunnel: str) -> dict[str, float]:
+    """ping_under_stream from the client to the server's address on a bare
+    path and to its address in the tunnel, the stream filling the tunnel:
+    what the tunnel adds to the median and to the 99th percentile (us), the
+    stream's rate and the tunnel's pings lost (%)."""
+    rtts, stream = ping_under_stream(bed, bed.client, bed.server, tunnel, [bare, tunnel])
+    through = [r for r in rtts[tunnel] if r is not None]
+    direct = [r for r in rtts[bare] if r is not None]
+    if not through or not direct:
+        raise RuntimeError(f"no ping answered under the stream: {len(direct)} bare, "
+                           f"{len(through)} through the tunnel")
+    return {"added_us": round((statistics.median(through) - statistics.median(direct)) * 1e6, 1),
+            "p99_added_us": round((percentile(through, 99) - percentile(direct, 99)) * 1e6, 1),
+            "stream_gbit_s": round(stream.gbit_per_s, 2),
+            "ping_loss_pct": round(100 * (1 - len(through) / len(rtts[tunnel])), 2)}
