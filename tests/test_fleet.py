@@ -92,7 +92,9 @@ def test_each_client_reaches_the_server_and_through_it_another(fleet3):
     bed.forwarding(True)
     checked(tcp_transfer(bed, bed.clients[0], bed.clients[2], client_tun(2), data), len(data))
     checked(tcp_transfer(bed, bed.clients[2], bed.clients[1], client_tun(1), data), len(data))
-    st = fresh(bed, lambda st: all(v["delivered"] for v in st["peers"]))
+    # A path that missed its probes while the transfers loaded the machine
+    # is down for a moment, and up again at its next probe.
+    st = fresh(bed, lambda st: all(v["delivered"] and v["paths_up"] == 2 for v in st["peers"]))
     assert names(st) == ["robot0", "robot1", "robot2"]
     for v in st["peers"]:
         assert v["paths_up"] == 2 and v["delivered"] > 0 and v["security"]["cipher"]
