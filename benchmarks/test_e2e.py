@@ -168,8 +168,8 @@ def test_low_latency_under_load(benchmark, tmp_path):
     figures = {f"{name}_{k}": statistics.median(r[k] for r in rs)
                for name, rs in runs.items() for k in rs[0]}
     record(benchmark, scenario="low-latency-loaded", **figures)
-    # The trade is large on this bed (the 99th percentile about halves): the
-    # bound checks its direction only.
+    # The trade is large on this bed (the 99th percentile falls to about a
+    # third): the bound checks its direction only.
     assert figures["low_latency_p99_added_us"] < figures["default_p99_added_us"]
 
 
