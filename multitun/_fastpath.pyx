@@ -29,7 +29,7 @@ The parts (docs/ARCHITECTURE.md describes each), in multitun/fastpath/:
   queue (control.pxi), the paced paths and their queues (shaper.pxi), one
   peer: its keys, endpoints, queues and counters (peer.pxi), the peers and
   how a packet finds its own (peers.pxi), the receive direction
-  (receive.pxi) and the engine: the loop and the send direction
+  (receive.pxi), the send direction (send.pxi) and the engine: the loop
   (engine.pxi).
 
 Why ``include`` and ``final``: the per-packet path crosses every part, and
@@ -100,6 +100,7 @@ include "fastpath/shaper.pxi"
 include "fastpath/peer.pxi"
 include "fastpath/peers.pxi"
 include "fastpath/receive.pxi"
+include "fastpath/send.pxi"
 include "fastpath/engine.pxi"
 
 
