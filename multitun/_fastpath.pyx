@@ -82,8 +82,8 @@ from .fastpath.routes cimport (
 )
 from .fastpath.keyindex cimport KeyIndex, keyindex_add, keyindex_alloc, keyindex_find, keyindex_free
 from .fastpath.flowqueue cimport (
-    FlowQueue, QPacket, fq_clear, fq_dequeue, fq_enqueue, fq_flow_of, fq_head_sojourn, fq_init,
-    qpacket_data,
+    FlowQueue, QPacket, flow_bucket, fq_clear, fq_dequeue, fq_enqueue, fq_flow_of,
+    fq_head_sojourn, fq_init, qpacket_data,
 )
 
 cdef extern from "<sched.h>" nogil:

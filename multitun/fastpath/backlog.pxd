@@ -8,7 +8,7 @@
 from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t
 from libc.stdlib cimport free, malloc
 from .constants cimport BATCH, FLOW_BUCKETS, GRO_TRAIN_MAX
-from .flowqueue cimport fq_flow_of
+from .flowqueue cimport flow_bucket
 
 cdef enum:
     # Packets written to the TUN per turn of the loop, besides sparse ones:
@@ -69,7 +69,7 @@ cdef inline bint backlog_now(Backlog *q, const uint8_t *p, size_t n, uint32_t *b
     if q.count == 0 and q.written < RX_TURN:
         q.written += 1
         return True
-    bucket[0] = fq_flow_of(p, n, q.key) % FLOW_BUCKETS
+    bucket[0] = flow_bucket(p, n, q.key)
     if (q.per_bucket[bucket[0]] == 0 and q.ahead_turn[bucket[0]] != q.turn) or \
             q.count == RX_WAITING:
         q.ahead_turn[bucket[0]] = q.turn

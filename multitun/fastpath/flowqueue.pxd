@@ -15,6 +15,7 @@ from libc.stdlib cimport free, malloc
 from libc.string cimport memcpy, memset
 
 from .codel cimport CoDel, codel_control_law, codel_enter, codel_ok_to_drop
+from .constants cimport FLOW_BUCKETS
 
 cdef enum:
     # Flow buckets per path (fq_codel's default, RFC 8290 section 5.1), in
@@ -134,6 +135,12 @@ cdef inline uint32_t fq_flow_of(const uint8_t *p, size_t n, uint64_t key) noexce
     h *= 0xC4CEB9FE1A85EC53ULL
     h ^= h >> 33
     return <uint32_t>h if <uint32_t>h != FQ_URGENT else 1
+
+
+cdef inline uint32_t flow_bucket(const uint8_t *p, size_t n, uint64_t key) noexcept nogil:
+    """Where a packet waits in the engine (tun.pxi, backlog.pxd): its flow's
+    bucket, of FLOW_BUCKETS."""
+    return fq_flow_of(p, n, key) % FLOW_BUCKETS
 
 
 cdef inline Flow *fq_bucket(FlowQueue *fq, uint32_t tag) noexcept nogil:

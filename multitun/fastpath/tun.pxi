@@ -114,7 +114,7 @@ cdef class Tun:
         memcpy(&h, pkt - VNET_HDR_LEN, VNET_HDR_LEN)
         if h.gso_type & ~VNET_GSO_ECN == VNET_GSO_NONE:
             if self.count:
-                bucket = fq_flow_of(pkt, n, self.flow_key) % FLOW_BUCKETS
+                bucket = flow_bucket(pkt, n, self.flow_key)
             if self.count == 0 or self.per_bucket[bucket] == 0:
                 if pkt != next_packet(b):
                     memcpy(next_packet(b), pkt, n)
@@ -122,7 +122,7 @@ cdef class Tun:
                 return
         else:
             self.ctr.tun_gso_reads += 1
-            bucket = fq_flow_of(pkt, n, self.flow_key) % FLOW_BUCKETS
+            bucket = flow_bucket(pkt, n, self.flow_key)
         if pkt != at:
             memcpy(at, pkt, n)
         e = &self.held[slot]
