@@ -14,6 +14,11 @@ each end of the tunnel on a CPU of its own ("apart", as on two hosts), and one
 TCP stream sealed (--key-file). The figures are medians over the rounds; the
 ratios are this version's over the other's (round trip: the other's over this
 one's, so that above 1 is better everywhere).
+
+test_low_latency_against_another holds this version with --low-latency to the
+aim for a tunnel that a saturating stream fills: on the bed as it is, at most
++300 us median and +1 ms 99th percentile over the bare path's round trip, the
+stream at 0.95 or more of the other version's as users run it by default.
 """
 
 import statistics
@@ -29,6 +34,7 @@ pytestmark = requires_root
 
 ROUNDS = 5
 BARE = "192.0.2.1"  # path 0's server address: the bare veth path
+LOW_LATENCY = ("--low-latency",)
 
 
 def added_us(rtts):
@@ -95,3 +101,49 @@ def test_this_version_against_another(benchmark, baseline_python, tmp_path):
     benchmark.extra_info.update(figures)
     print("\n" + "\n".join(f"{k} {v}" for k, v in figures.items()))
     assert all(v > 0 for v in figures.values())
+
+
+def test_low_latency_against_another(benchmark, baseline_python, tmp_path):
+    """Each version by default and with --low-latency, in turn on one bed: the
+    round trip added while one TCP stream fills the tunnel, and the stream's
+    rate; the bed as it is, then with each end on a CPU of its own. The aim is
+    checked on the bed as it is; the other figures say what the option costs
+    where it is not met (see the README's Performance section)."""
+    settings = (("other", baseline_python, ()), ("other_ll", baseline_python, LOW_LATENCY),
+                ("this", None, ()), ("this_ll", None, LOW_LATENCY))
+    runs = {name: [] for name, _, _ in settings}
+    with Bed(2) as bed:
+        def rounds():
+            for i in range(ROUNDS):
+                for name, python, extra in settings:
+                    logs = tmp_path / f"{name}{i}"
+                    logs.mkdir()
+                    with TunnelPair(bed, logs, python=python, server_extra=extra,
+                                    client_extra=extra) as pair:
+                        pair.wait_carrying()
+                        out = loaded(bed, "loaded")
+                        with pair.own_cpus() as apart:
+                            if apart:
+                                out.update(loaded(bed, "apart"))
+                    runs[name].append(out)
+                    print(name, i, out, flush=True)
+
+        benchmark.pedantic(rounds, rounds=1, iterations=1)
+    figures = {f"{metric}_{name}": round(statistics.median(r[metric] for r in rs), 2)
+               for name, rs in runs.items() for metric in rs[0]}
+    # The stream's rate drifts with this machine's load over a run: the
+    # ratio is taken round by round, against the other version's default
+    # measured earlier in the same round, and its median kept.
+    for where in ("loaded", "apart"):
+        if f"{where}_tcp_gbit_s" in runs["this_ll"][0]:
+            figures[f"{where}_stream_ratio_ll_to_other"] = round(statistics.median(
+                ll[f"{where}_tcp_gbit_s"] / other[f"{where}_tcp_gbit_s"]
+                for ll, other in zip(runs["this_ll"], runs["other"])), 3)
+    benchmark.extra_info.update(figures)
+    print("\n" + "\n".join(f"{k} {v}" for k, v in figures.items()))
+    assert figures["rtt_loaded_added_us_this_ll"] <= 300
+    assert figures["rtt_loaded_p99_added_us_this_ll"] <= 1000
+    # Met in two runs of four on this machine (0.97, 0.99) and missed, by
+    # noise or by the yields' cost, in the others (0.93, 0.75; README.md,
+    # Performance).
+    assert figures["loaded_stream_ratio_ll_to_other"] >= 0.95
