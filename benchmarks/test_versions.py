@@ -33,6 +33,11 @@ from .conftest import requires_root
 pytestmark = requires_root
 
 ROUNDS = 5
+# One round's ratio of two streams (this version's to the other's) varies by
+# about 0.10 (one standard deviation) on this machine: the median of five
+# rounds fell on either side of 0.95 (0.93 to 1.05, and 0.75 once) while the
+# mean stood near 1. The median of ten is about 1.4 times as steady.
+LOW_LATENCY_ROUNDS = 10
 BARE = "192.0.2.1"  # path 0's server address: the bare veth path
 LOW_LATENCY = ("--low-latency",)
 
@@ -121,7 +126,7 @@ def test_low_latency_against_another(benchmark, baseline_python, tmp_path):
     runs = {name: [] for name, _, _ in settings}
     with Bed(2) as bed:
         def rounds():
-            for i in range(ROUNDS):
+            for i in range(LOW_LATENCY_ROUNDS):
                 for name, python, extra in settings:
                     logs = tmp_path / f"{name}{i}"
                     logs.mkdir()
@@ -140,14 +145,17 @@ def test_low_latency_against_another(benchmark, baseline_python, tmp_path):
     # measured earlier in the same round, and its median kept.
     for where in ("loaded", "apart"):
         if f"{where}_tcp_gbit_s" in runs["this_ll"][0]:
-            figures[f"{where}_stream_ratio_ll_to_other"] = round(statistics.median(
-                ll[f"{where}_tcp_gbit_s"] / other[f"{where}_tcp_gbit_s"]
-                for ll, other in zip(runs["this_ll"], runs["other"])), 3)
+            ratios = [ll[f"{where}_tcp_gbit_s"] / other[f"{where}_tcp_gbit_s"]
+                      for ll, other in zip(runs["this_ll"], runs["other"])]
+            key = f"{where}_stream_ratio_ll_to_other"
+            figures[key] = round(statistics.median(ratios), 3)
+            figures[f"{key}_mean"] = round(statistics.mean(ratios), 3)
+            figures[f"{key}_stderr"] = round(statistics.stdev(ratios) / len(ratios) ** 0.5, 3)
     benchmark.extra_info.update(figures)
     print("\n" + "\n".join(f"{k} {v}" for k, v in figures.items()))
     assert figures["rtt_loaded_added_us_this_ll"] <= 300
     assert figures["rtt_loaded_p99_added_us_this_ll"] <= 1000
-    # Met in three runs of five on this machine (0.97, 0.99, 1.05) and
-    # missed, by noise or by the yields' cost, in the others (0.93, 0.75;
-    # README.md, Performance).
+    # Three runs of ten rounds gave 1.019, 1.003 and 1.003; their thirty
+    # rounds' ratios average 1.009, standard error 0.019 (README.md,
+    # Performance).
     assert figures["loaded_stream_ratio_ll_to_other"] >= 0.95
