@@ -201,8 +201,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "idle CPUs out of sleep states while running (PM QoS, "
                         "/dev/cpu_dma_latency = 0), poll for 300 us after each packet before "
                         "sleeping, and while busy let the tasks that wait for the tunnel's CPU "
-                        "run every 0.3 ms, and at once after a packet other than TCP went to "
-                        "the TUN")
+                        "run every 0.3 ms")
     p.add_argument("--busy-poll", dest="busy_poll_us", type=_checked(_microseconds),
                    metavar="USEC",
                    help="after each packet, poll this long before sleeping (default 0, or "

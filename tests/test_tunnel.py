@@ -70,37 +70,28 @@ def test_transfers_intact_without_offload(bed, tmp_path):
             assert counters["tun_gso_reads"] == counters["gro_writes"] == 0
 
 
-def test_low_latency_yields_to_the_reader_of_a_ping(bed, tmp_path):
-    # --low-latency: a busy engine lets the tasks waiting for its CPU run every
-    # 0.3 ms, and at once after it wrote a packet other than TCP to the TUN
-    # (its reader most likely waits for that CPU). Each echo request, and
-    # each reply, is such a packet at one end; a TCP stream's are not.
+def test_low_latency_yields_while_busy(bed, tmp_path):
+    # --low-latency: an engine that does not sleep (a stream keeps it busy,
+    # or it polls after a packet) lets the tasks waiting for its CPU run
+    # every 0.3 ms; both ends count those yields.
     low = ("--low-latency",)
     with TunnelPair(bed, tmp_path, server_extra=low, client_extra=low) as pair:
         pair.wait_carrying()
-        before = {ns: status_json(bed, ns)["tunnel"] for ns in (bed.client, bed.server)}
-        answered = sum(r is not None for r in ping(bed, bed.client, TUN_SERVER, count=40,
-                                                   interval=0.01))
-        assert answered >= 36
-        after = {ns: status_json(bed, ns)["tunnel"] for ns in (bed.client, bed.server)}
-        for ns in (bed.client, bed.server):
-            assert after[ns]["reader_yields"] - before[ns]["reader_yields"] >= answered
+        before = {ns: status_json(bed, ns)["tunnel"]["cpu_yields"] for ns in (bed.client, bed.server)}
         result = tcp_transfer(bed, bed.client, bed.server, TUN_SERVER, data=os.urandom(16 << 20))
         assert result.received_sha256 == result.sent_sha256
-        streamed = {ns: status_json(bed, ns)["tunnel"] for ns in (bed.client, bed.server)}
         for ns in (bed.client, bed.server):
-            assert streamed[ns]["cpu_yields"] > after[ns]["cpu_yields"]
-            # A few stray packets other than TCP at most (IPv6 neighbour
-            # discovery on the TUN), not the stream's thousands.
-            assert streamed[ns]["reader_yields"] - after[ns]["reader_yields"] < 20
+            assert status_json(bed, ns)["tunnel"]["cpu_yields"] > before[ns]
 
 
 def test_busy_engine_yields_only_with_low_latency(tunnel):
-    answered = ping(tunnel.bed, tunnel.bed.client, TUN_SERVER, count=5)
-    assert any(r is not None for r in answered)
+    # Without --low-latency the loop sleeps when it has nothing to do and
+    # leaves sharing its CPU to the scheduler.
+    result = tcp_transfer(tunnel.bed, tunnel.bed.client, tunnel.bed.server, TUN_SERVER,
+                          data=os.urandom(4 << 20))
+    assert result.received_sha256 == result.sent_sha256
     for ns in (tunnel.bed.client, tunnel.bed.server):
-        counters = status_json(tunnel.bed, ns)["tunnel"]
-        assert counters["cpu_yields"] == counters["reader_yields"] == 0
+        assert status_json(tunnel.bed, ns)["tunnel"]["cpu_yields"] == 0
 
 
 def test_low_latency_transfers_intact_with_the_ends_apart(bed, tmp_path):

@@ -60,10 +60,10 @@ cdef enum:
     # fq_flow_of, modulo this): a packet waits if its bucket has one waiting.
     FLOW_BUCKETS = 256
     # With share_cpu, a loop that does not sleep lets the tasks waiting for
-    # its CPU run once in this long (engine.pxi), and at once after a packet
-    # other than TCP went to the TUN. Under one TCP stream on two veth paths,
-    # 0.3 ms carried the stream 1.06 to 1.09 times as fast as 0.1 ms did,
-    # ping's 99th percentile still under 0.7 ms above the bare path.
+    # its CPU run once in this long (engine.pxi). Under one TCP stream on two
+    # veth paths sharing two CPUs, 0.3 ms carried the stream about 1.1 times
+    # as fast as 0.1 ms, ping's 99th percentile +0.7 ms over the bare path
+    # instead of +0.5 (README.md, Performance).
     YIELD_EVERY_NS = 300000
     # A UDP GRO train holds this many datagrams at most (the kernel's
     # UDP_GRO_CNT_MAX, net/ipv4/udp_offload.c).

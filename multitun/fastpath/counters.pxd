@@ -64,8 +64,6 @@ cdef struct TunnelCounters:
     uint64_t tun_gso_dropped
     uint64_t gro_writes
     uint64_t gro_coalesced
-    # --low-latency (share_cpu): times the busy loop let the tasks waiting for
-    # its CPU run, and of those, at once for a packet other than TCP written
-    # to the TUN (engine.pxi).
+    # --low-latency (share_cpu): times the loop, busy without sleeping, let
+    # the tasks waiting for its CPU run (engine.pxi).
     uint64_t cpu_yields
-    uint64_t reader_yields

@@ -129,17 +129,13 @@ cdef class Engine:
                 # tick takes it away (4 ms at HZ=250 without full preemption):
                 # a task that waits for this CPU, such as an application on
                 # the tunnel, waits that long. With share_cpu, sched_yield(2)
-                # lets it run every YIELD_EVERY_NS, and at once after a
-                # packet other than TCP went to the TUN (Tun.write: its
-                # reader was likely woken on this CPU); when nothing waits it
+                # lets it run every YIELD_EVERY_NS; when nothing waits it
                 # returns at once (kernel/sched/fair.c, yield_task_fair). The
                 # price: a task that never sleeps gets the CPU for its whole
                 # slice at each yield, so a tunnel that is the bottleneck
                 # forwards less.
-                if self.share_cpu and (self.tun.woke_reader or t - ran_from >= YIELD_EVERY_NS):
+                if self.share_cpu and t - ran_from >= YIELD_EVERY_NS:
                     self.ctr.cpu_yields += 1
-                    self.ctr.reader_yields += self.tun.woke_reader
-                    self.tun.woke_reader = False
                     sched_yield()
                     ran_from = t
             else:

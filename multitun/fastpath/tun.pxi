@@ -50,9 +50,6 @@ cdef class Tun:
     # vnet header).
     cdef GroRun gro
     cdef uint8_t *grobuf
-    # A packet other than TCP went to the TUN since the engine last yielded
-    # (write(); Engine._run).
-    cdef bint woke_reader
 
     def __cinit__(self, int fd, bint vnet, uint64_t flow_key):
         self.fd = fd
@@ -186,15 +183,6 @@ cdef class Tun:
         before it. With virtio-net headers, TCP segments wait to be coalesced
         with the ones that follow; flush() writes what waits."""
         cdef size_t iphl, hdrlen
-        # A ping, a DNS answer, a voice or control datagram: a task is most
-        # likely waiting for it, and the kernel wakes it on this CPU, where
-        # the engine runs (a socket's data wakes its reader with WF_SYNC, and
-        # kernel/sched/fair.c, wake_affine_idle, then picks the waker's CPU).
-        # A busy engine yields to it at once (Engine._run) instead of at its
-        # next periodic yield. TCP is left out: a stream's segments and ACKs
-        # would make the engine yield at every turn.
-        if n >= 20 and pkt[9 if pkt[0] >> 4 == 4 else 6] != IPPROTO_TCP:
-            self.woke_reader = True
         if not self.vnet:
             self._write(pkt, n)
             return
